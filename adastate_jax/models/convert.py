@@ -163,7 +163,9 @@ class RenamedSource(TensorSource):
                 if new.startswith(p):
                     new = new[len(p) :]
             if new in self._map:
-                raise ValueError(f"keys {self._map[new]!r} and {k!r} collide after stripping {strip_prefixes}")
+                raise ValueError(
+                    f"keys {self._map[new]!r} and {k!r} collide after stripping {strip_prefixes}"
+                )
             self._map[new] = k
 
     def keys(self):
@@ -287,7 +289,7 @@ def _torch_load_state_dict(path: str, use_ema: bool) -> dict:
     except Exception as e:
         raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
     if isinstance(obj, dict):
-        for key in (("generator_ema", "generator") if use_ema else ("generator", "generator_ema")):
+        for key in ("generator_ema", "generator") if use_ema else ("generator", "generator_ema"):
             if key in obj and isinstance(obj[key], dict):
                 return obj[key]
         for key in ("state_dict", "model", "module"):
@@ -433,7 +435,9 @@ def plan_conversion(
                 )
     for path in by_target:
         if path not in target:
-            unexpected.extend(f"{k} (maps to {path}, which the model does not have)" for k, _ in by_target[path])
+            unexpected.extend(
+                f"{k} (maps to {path}, which the model does not have)" for k, _ in by_target[path]
+            )
     if missing or unexpected or mismatched or other:
         raise ConversionError(source.describe(), missing, unexpected, mismatched, other)
     for entries in by_target.values():
@@ -446,7 +450,9 @@ def _expected_keys(path: str, rules: Sequence[Rule], layer: int | None = None) -
     for r in rules:
         tgt = r.target
         if r.stack_group is not None and tgt == path:
-            return re.sub(r"\(\\d\+\)", str(layer) if layer is not None else "N", r.source).replace("\\.", ".")
+            return re.sub(r"\(\\d\+\)", str(layer) if layer is not None else "N", r.source).replace(
+                "\\.", "."
+            )
         if "\\" not in tgt and tgt == path:
             return r.source.replace("\\.", ".")
         if "\\" in tgt:
@@ -494,7 +500,12 @@ def convert_to_state(
     if shardings is not None:
         flat_shard = {
             k: s
-            for k, s in zip(target, jax.tree.leaves(nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings))
+            for k, s in zip(
+                target,
+                jax.tree.leaves(
+                    nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
+                ),
+            )
         }
     values: dict[str, jax.Array] = {}
     for path, host in iter_converted(source, rules, target, ignore):

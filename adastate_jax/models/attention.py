@@ -1,0 +1,181 @@
+"""Attention primitives: Wan's 3D RoPE applied at attention time, frame-level masks, attention.
+
+Owns: the RoPE frequency split of a head (t/h/w), rotation of un-roped keys/queries from temporal
+indices given as data, the frame-level masks that training and streaming need (block-causal,
+windowed with sinks, teacher forcing), and the attention call with an implementation switch.
+
+Must not know: caches, anchor policies, layouts of a KV buffer. A "frame" here is a group of
+`tokens_per_frame` consecutive tokens sharing one temporal index.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE
+# --------------------------------------------------------------------------------------------
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Wan's split of a head into temporal / height / width rotary dims: d-4(d//6), 2(d//6), 2(d//6)."""
+    hw = 2 * (head_dim // 6)
+    t = head_dim - 2 * hw
+    return t, hw, hw
+
+
+def validate_rope_head_dim(head_dim: int) -> None:
+    if head_dim % 2:
+        raise ValueError(f"head_dim={head_dim} is odd; RoPE rotates pairs of channels")
+    t, h, w = rope_split(head_dim)
+    if min(t, h, w) <= 0 or t % 2 or h % 2:
+        raise ValueError(
+            f"head_dim={head_dim} cannot be split into temporal/height/width RoPE parts "
+            f"({t}/{h}/{w}); it needs head_dim >= 12 and even parts (e.g. 64, 128)"
+        )
+
+
+def _inv_freq(dim: int, theta: float) -> np.ndarray:
+    # [dim/2] float64: theta ** (-2i/dim)
+    return 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+
+
+def rope_angles(
+    temporal_pos: jax.Array, grid_hw: tuple[int, int], head_dim: int, theta: float = 10000.0
+) -> jax.Array:
+    """Rotation angles for every token of some frames.
+
+    temporal_pos: [B, F] integer (or float) temporal index of each frame.
+    Returns [B, F * h * w, head_dim // 2] float32 angles, tokens ordered (frame, h, w) and the
+    angle channels ordered (t-part, h-part, w-part) as in Wan.
+    """
+    h, w = grid_hw
+    dt, dh, dw = rope_split(head_dim)
+    inv_t = jnp.asarray(_inv_freq(dt, theta), jnp.float32)  # [dt/2]
+    # spatial angles are static: compute in float64 numpy, exact.
+    ang_h = np.arange(h, dtype=np.float64)[:, None] * _inv_freq(dh, theta)[None]  # [h, dh/2]
+    ang_w = np.arange(w, dtype=np.float64)[:, None] * _inv_freq(dw, theta)[None]  # [w, dw/2]
+    spatial = np.concatenate(
+        [
+            np.broadcast_to(ang_h[:, None, :], (h, w, dh // 2)),
+            np.broadcast_to(ang_w[None, :, :], (h, w, dw // 2)),
+        ],
+        axis=-1,
+    ).reshape(h * w, (dh + dw) // 2)  # [P, (dh+dw)/2]
+    b, f = temporal_pos.shape
+    ang_t = temporal_pos.astype(jnp.float32)[..., None] * inv_t  # [B, F, dt/2]
+    ang_t = jnp.broadcast_to(ang_t[:, :, None, :], (b, f, h * w, dt // 2))
+    spatial = jnp.broadcast_to(jnp.asarray(spatial, jnp.float32), (b, f, h * w, spatial.shape[-1]))
+    return jnp.concatenate([ang_t, spatial], axis=-1).reshape(b, f * h * w, head_dim // 2)
+
+
+def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) by angles.
+
+    x: [B, T, N, H]; angles: [B, T, H/2]. Computed in float32, returned in x's dtype.
+    """
+    dtype = x.dtype
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    x1, x2 = xf[..., 0], xf[..., 1]  # [B, T, N, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    return out.reshape(x.shape).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Frame-level masks (query frame x key frame); True = may attend
+# --------------------------------------------------------------------------------------------
+
+
+def block_causal_mask(num_frames: int, chunk: int) -> np.ndarray:
+    """[F, F]: frame i sees frame j iff chunk(j) <= chunk(i) (bidirectional inside a chunk)."""
+    c = np.arange(num_frames) // chunk
+    return c[None, :] <= c[:, None]
+
+
+def windowed_block_causal_mask(num_frames: int, chunk: int, window: int, sink: int = 0) -> np.ndarray:
+    """[F, F]: block-causal, limited to the `window` frames before the query's chunk, plus its own
+    chunk, plus the first `sink` frames (always visible once generated)."""
+    if window < 0 or sink < 0:
+        raise ValueError(f"window={window} and sink={sink} must be >= 0")
+    i = np.arange(num_frames)
+    start = (i // chunk) * chunk  # first frame of the query's chunk
+    causal = block_causal_mask(num_frames, chunk)
+    in_window = i[None, :] >= (start[:, None] - window)
+    is_sink = i[None, :] < sink
+    return causal & (in_window | is_sink)
+
+
+def teacher_forcing_mask(num_frames: int, chunk: int, window: int | None = None, sink: int = 0) -> np.ndarray:
+    """[2F, 2F] mask over the sequence [clean frames (F); noisy frames (F)].
+
+    Clean frames attend block-causally among themselves (they write the context). Noisy chunk c
+    attends to the clean frames of earlier chunks (optionally only the last `window` of them plus
+    `sink` first frames) and to its own noisy chunk: exactly what it would see when generated
+    chunk by chunk with a cache of clean frames.
+    """
+    f = num_frames
+    if window is None:
+        clean = block_causal_mask(f, chunk)
+    else:
+        clean = windowed_block_causal_mask(f, chunk, window, sink)
+    i = np.arange(f)
+    qc, kc = i[:, None] // chunk, i[None, :] // chunk
+    noisy_to_clean = kc < qc
+    if window is not None:
+        start = (i // chunk) * chunk
+        noisy_to_clean &= (i[None, :] >= start[:, None] - window) | (i[None, :] < sink)
+    noisy_to_noisy = kc == qc
+    top = np.concatenate([clean, np.zeros((f, f), bool)], axis=1)
+    bottom = np.concatenate([noisy_to_clean, noisy_to_noisy], axis=1)
+    return np.concatenate([top, bottom], axis=0)
+
+
+def expand_frame_mask(frame_mask: jax.Array, q_tokens_per_frame: int, k_tokens_per_frame: int) -> jax.Array:
+    """[B, Fq, Fk] frame mask -> [B, 1, Fq*Pq, Fk*Pk] token mask (head axis broadcast)."""
+    m = jnp.repeat(frame_mask, q_tokens_per_frame, axis=1)
+    m = jnp.repeat(m, k_tokens_per_frame, axis=2)
+    return m[:, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    implementation: str = "xla",
+    return_key_mass: bool = False,
+):
+    """Softmax attention. q [B, T, N, H], k/v [B, S, N, H], mask [B, 1, T, S] bool (True = attend).
+
+    implementation: 'xla' / 'cudnn' go through `jax.nn.dot_product_attention`; 'reference' is an
+    explicit einsum (used when the attention mass per key is requested).
+    Returns out [B, T, N, H] (and, with return_key_mass, [B, S]: attention probability summed over
+    the queries' heads and averaged over queries and heads, i.e. the share of attention each key
+    receives; sums to 1 over S).
+    """
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLS}")
+    if return_key_mass or implementation == "reference":
+        scale = q.shape[-1] ** -0.5
+        logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)  # fp32
+        out = jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
+        if return_key_mass:
+            return out, probs.mean(axis=(1, 2))  # [B, S]
+        return out
+    impl = None if implementation == "xla" and jax.default_backend() == "cpu" else implementation
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)

@@ -1,0 +1,664 @@
+"""The causal Wan2.1 DiT in Flax NNX, with a pure-functional context boundary.
+
+Owns: the Wan2.1 transformer (patch embedding, per-frame time modulation, text embedding and
+per-prompt cross-attention keys/values, blocks stacked and scanned over layers, head, unpatchify),
+its dtype and remat policies, the logical axis names of its parameters, and its weight-conversion
+tables (original Wan2.1 / Self-Forcing layout and diffusers layout).
+
+Must not know: caches, anchor policies, samplers, optimisers or files. The forward takes the
+context keys/values to attend to (with temporal positions and validity) as arguments and returns
+the un-roped keys/values of its own tokens; whoever calls it decides what to keep.
+
+Layouts: latents are channels-last `[B, F, H, W, C]`; tokens are ordered (frame, h, w);
+`tokens_per_frame = (H / 2) * (W / 2)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+from flax import nnx
+
+from adastate_jax import sharding as shd
+from adastate_jax.models import attention as attn
+from adastate_jax.models.convert import Rule, identity, linear_kernel
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class WanConfig:
+    """Static configuration of the DiT (hashable; used as a static argument)."""
+
+    dim: int = 1536
+    num_heads: int = 12
+    num_layers: int = 30
+    ffn_dim: int = 8960
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    cross_attn_norm: bool = True
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
+    remat: str = "none"
+    attention: str = "xla"
+    zero_init_head: bool = True  # Wan's init; False gives a non-trivial random model
+
+    def __post_init__(self):
+        validate_config(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def patch_features(self) -> int:
+        return math.prod(self.patch_size) * self.in_channels
+
+    def tokens_per_frame(self, latent_h: int, latent_w: int) -> int:
+        return (latent_h // self.patch_size[1]) * (latent_w // self.patch_size[2])
+
+    @classmethod
+    def wan_1_3b(cls, **kw) -> WanConfig:
+        return cls(**{**dict(dim=1536, num_heads=12, num_layers=30, ffn_dim=8960), **kw})
+
+    @classmethod
+    def wan_14b(cls, **kw) -> WanConfig:
+        return cls(**{**dict(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824), **kw})
+
+    @classmethod
+    def tiny(cls, **kw) -> WanConfig:
+        base = dict(dim=64, num_heads=4, num_layers=2, ffn_dim=128, freq_dim=32, text_dim=32, text_len=8)
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def from_dict(cls, d) -> WanConfig:
+        d = dict(d)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown model config fields {unknown}; known: {sorted(fields)}")
+        if "patch_size" in d:
+            d["patch_size"] = tuple(int(p) for p in d["patch_size"])
+        return cls(**d)
+
+
+def validate_config(c: WanConfig, prefix: str = "model") -> None:
+    """Raise a ValueError naming the config field for any value the model cannot run with."""
+
+    def bad(field, msg):
+        raise ValueError(f"config.{prefix}.{field}: {msg}")
+
+    for f in ("dim", "num_heads", "num_layers", "ffn_dim", "in_channels", "out_channels", "freq_dim"):
+        if int(getattr(c, f)) <= 0:
+            bad(f, f"must be positive, got {getattr(c, f)}")
+    if c.dim % c.num_heads:
+        bad("num_heads", f"dim={c.dim} is not divisible by num_heads={c.num_heads}")
+    try:
+        attn.validate_rope_head_dim(c.dim // c.num_heads)
+    except ValueError as e:
+        bad("num_heads", f"head dim {c.dim // c.num_heads} (dim / num_heads): {e}")
+    if c.freq_dim % 2:
+        bad("freq_dim", f"must be even, got {c.freq_dim}")
+    if len(c.patch_size) != 3 or c.patch_size[0] != 1:
+        bad("patch_size", f"must be (1, ph, pw) for frame-wise causal generation, got {c.patch_size}")
+    if c.param_dtype not in DTYPES:
+        bad("param_dtype", f"{c.param_dtype!r} not in {DTYPES}")
+    if c.dtype not in DTYPES:
+        bad("dtype", f"{c.dtype!r} not in {DTYPES}")
+    if c.remat not in REMAT_POLICIES:
+        bad("remat", f"unknown remat policy {c.remat!r}; choose from {REMAT_POLICIES}")
+    if c.attention not in attn.ATTENTION_IMPLS:
+        bad(
+            "attention",
+            f"unknown attention implementation {c.attention!r}; choose from {attn.ATTENTION_IMPLS}",
+        )
+
+
+def validate_mesh_divisibility(c: WanConfig, mesh_sizes: dict[str, int], prefix: str = "model") -> None:
+    """Check the dims that the rules table shards divide the mesh axes they map to."""
+    t, f = mesh_sizes.get("tensor", 1), mesh_sizes.get("fsdp", 1)
+    checks = [
+        ("num_heads", c.num_heads, "tensor", t),
+        ("ffn_dim", c.ffn_dim, "tensor", t),
+        ("dim", c.dim, "fsdp", f),
+    ]
+    for field, value, axis, size in checks:
+        if value % size:
+            raise ValueError(f"config.{prefix}.{field}={value} is not divisible by mesh axis {axis}={size}")
+
+
+# --------------------------------------------------------------------------------------------
+# Small layers (logical axis names on every parameter)
+# --------------------------------------------------------------------------------------------
+
+
+def _param(value, names):
+    return nnx.Param(value, sharding_names=tuple(names), eager_sharding=False)
+
+
+def _xavier(key, shape, dtype):
+    return jax.nn.initializers.xavier_uniform()(key, shape, dtype)
+
+
+class Linear(nnx.Module):
+    def __init__(self, din, dout, names, *, rngs, param_dtype=jnp.float32, init=_xavier, zero=False):
+        k = rngs.params()
+        kernel = jnp.zeros((din, dout), param_dtype) if zero else init(k, (din, dout), param_dtype)
+        self.kernel = _param(kernel, names)
+        self.bias = _param(jnp.zeros((dout,), param_dtype), names[1:])
+
+    def __call__(self, x, dtype):
+        y = jnp.einsum("...i,io->...o", x.astype(dtype), self.kernel[...].astype(dtype))
+        return y + self.bias[...].astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMS norm over the last dim (Wan's q/k norm spans all heads), fp32, learned scale."""
+
+    def __init__(self, dim, names, eps, param_dtype=jnp.float32):
+        self.scale = _param(jnp.ones((dim,), param_dtype), names)
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x, eps, scale=None, bias=None):
+    """LayerNorm in fp32 (returns fp32)."""
+    xf = x.astype(jnp.float32)
+    mu = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+    y = (xf - mu) * jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def timestep_sinusoid(t: jax.Array, dim: int) -> jax.Array:
+    """Wan's sinusoidal timestep features: [..., dim] = [cos(t w_i), sin(t w_i)], w_i = 10000^(-i/half)."""
+    half = dim // 2
+    freqs = jnp.asarray(np.power(10000.0, -np.arange(half, dtype=np.float64) / half), jnp.float32)
+    ang = t.astype(jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Block
+# --------------------------------------------------------------------------------------------
+
+
+class TextKV(NamedTuple):
+    """Cross-attention keys/values of a prompt, per layer: k, v [L, B, T_text, N, H]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class Context(NamedTuple):
+    """Cached self-attention context given to a forward call.
+
+    k, v:  [L, B, S, P, N, H] un-roped keys / values of S cached frames (P tokens each).
+    pos:   [B, S] temporal index used for RoPE of each cached frame.
+    valid: [B, S] bool, False for empty / masked slots.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    valid: jax.Array
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: WanConfig, *, rngs, kv_dim: int | None = None):
+        d, pd = cfg.dim, jnp.dtype(cfg.param_dtype)
+        kv_dim = kv_dim or d
+        self.q = Linear(d, d, ("embed", "heads"), rngs=rngs, param_dtype=pd)
+        self.k = Linear(kv_dim, d, ("embed", "heads"), rngs=rngs, param_dtype=pd)
+        self.v = Linear(kv_dim, d, ("embed", "heads"), rngs=rngs, param_dtype=pd)
+        self.o = Linear(d, d, ("heads", "embed"), rngs=rngs, param_dtype=pd)
+        self.norm_q = RMSNorm(d, ("heads",), cfg.eps, pd)
+        self.norm_k = RMSNorm(d, ("heads",), cfg.eps, pd)
+
+
+class WanBlock(nnx.Module):
+    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+        d, pd = cfg.dim, jnp.dtype(cfg.param_dtype)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.cross_attn = Attention(cfg, rngs=rngs)
+        if cfg.cross_attn_norm:
+            self.norm_cross_scale = _param(jnp.ones((d,), pd), ("norm",))
+            self.norm_cross_bias = _param(jnp.zeros((d,), pd), ("norm",))
+        self.ffn_in = Linear(d, cfg.ffn_dim, ("embed", "mlp"), rngs=rngs, param_dtype=pd)
+        self.ffn_out = Linear(cfg.ffn_dim, d, ("mlp", "embed"), rngs=rngs, param_dtype=pd)
+        mod = jax.random.normal(rngs.params(), (6, d), pd) / math.sqrt(d)
+        self.modulation = _param(mod, ("modulation", "norm"))
+
+    def text_kv(self, cfg: WanConfig, text_emb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """text_emb [B, T, D] (after the text embedding MLP) -> k, v [B, T, N, H]."""
+        dt = jnp.dtype(cfg.dtype)
+        ca = self.cross_attn
+        k = ca.norm_k(ca.k(text_emb, dt))
+        v = ca.v(text_emb, dt)
+        split = functools.partial(rearrange, pattern="b t (n h) -> b t n h", n=cfg.num_heads)
+        return split(k), split(v)
+
+    def __call__(self, cfg: WanConfig, x, e, text_k, text_v, rope_q, rope_k, ctx_k, ctx_v, mask, want_mass):
+        """One block.
+
+        x [B, T, D] (T = F*P own tokens); e [B, F, 6, D] fp32 modulation (time_projection output);
+        text_k/v [B, Tt, N, H]; rope_q [B, T, H/2]; rope_k [B, S*P + T, H/2];
+        ctx_k/v [B, S, P, N, H] or None; mask [B, 1, T, S*P + T] bool or None.
+        Returns x [B, T, D], new k/v [B, T, N, H] (un-roped), key mass [B, S*P + T] or None.
+        """
+        dt = jnp.dtype(cfg.dtype)
+        b, t_tokens, d = x.shape
+        f = e.shape[1]
+        p = t_tokens // f
+        n = cfg.num_heads
+        mod = e + self.modulation[...].astype(jnp.float32)[None, None]  # [B, F, 6, D]
+        shift1, scale1, gate1, shift2, scale2, gate2 = [
+            jnp.repeat(mod[:, :, i], p, axis=1) for i in range(6)
+        ]  # each [B, T, D] fp32
+
+        # --- self-attention -------------------------------------------------------------
+        h = layer_norm(x, cfg.eps) * (1 + scale1) + shift1  # fp32
+        sa = self.self_attn
+        q = sa.norm_q(sa.q(h, dt))
+        k = sa.norm_k(sa.k(h, dt))
+        v = sa.v(h, dt)
+        q, k, v = (rearrange(z, "b t (n h) -> b t n h", n=n) for z in (q, k, v))  # [B, T, N, H]
+        q = shd.constrain(q, ("batch", "act_tokens", "heads", "head_dim"))
+        k_new, v_new = k, v
+        if ctx_k is not None:
+            k_all = jnp.concatenate([rearrange(ctx_k, "b s p n h -> b (s p) n h").astype(k.dtype), k], axis=1)
+            v_all = jnp.concatenate([rearrange(ctx_v, "b s p n h -> b (s p) n h").astype(v.dtype), v], axis=1)
+        else:
+            k_all, v_all = k, v
+        q = attn.apply_rope(q, rope_q)
+        k_all = attn.apply_rope(k_all, rope_k)
+        res = attn.attention(q, k_all, v_all, mask, cfg.attention, return_key_mass=want_mass)
+        o, mass = res if want_mass else (res, None)
+        o = sa.o(rearrange(o, "b t n h -> b t (n h)"), dt)
+        x = (x.astype(jnp.float32) + o.astype(jnp.float32) * gate1).astype(x.dtype)
+
+        # --- cross-attention --------------------------------------------------------------
+        if cfg.cross_attn_norm:
+            h = layer_norm(x, cfg.eps, self.norm_cross_scale[...], self.norm_cross_bias[...])
+        else:
+            h = x
+        ca = self.cross_attn
+        q = rearrange(ca.norm_q(ca.q(h, dt)), "b t (n h) -> b t n h", n=n)
+        o = attn.attention(q, text_k.astype(q.dtype), text_v.astype(q.dtype), None, cfg.attention)
+        o = ca.o(rearrange(o, "b t n h -> b t (n h)"), dt)
+        x = (x.astype(jnp.float32) + o.astype(jnp.float32)).astype(x.dtype)
+
+        # --- FFN ----------------------------------------------------------------------------
+        h = layer_norm(x, cfg.eps) * (1 + scale2) + shift2
+        y = self.ffn_out(gelu_tanh(self.ffn_in(h, dt)), dt)
+        x = (x.astype(jnp.float32) + y.astype(jnp.float32) * gate2).astype(x.dtype)
+        x = shd.constrain(x, ("batch", "act_tokens", "act_embed"))
+        return x, k_new, v_new, mass
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    policies = {
+        "full": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    }
+    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+class ForwardOut(NamedTuple):
+    velocity: jax.Array  # [B, F, H, W, C_out]
+    k: jax.Array  # [L, B, F, P, N, H] un-roped keys of this call's frames
+    v: jax.Array  # [L, B, F, P, N, H]
+    key_mass: jax.Array | None  # [L, B, S + F] attention share per key frame (instrumentation)
+
+
+class WanDiT(nnx.Module):
+    """Wan2.1 DiT with explicit context. See the module docstring."""
+
+    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, pd = cfg.dim, jnp.dtype(cfg.param_dtype)
+        small = jax.nn.initializers.normal(0.02)
+        self.patch_embedding = Linear(cfg.patch_features, d, ("patch", "embed"), rngs=rngs, param_dtype=pd)
+        self.text_embedding_1 = Linear(
+            cfg.text_dim, d, ("text_embed", "embed"), rngs=rngs, param_dtype=pd, init=small
+        )
+        self.text_embedding_2 = Linear(d, d, ("mlp", "embed"), rngs=rngs, param_dtype=pd, init=small)
+        self.time_embedding_1 = Linear(
+            cfg.freq_dim, d, ("freq", "embed"), rngs=rngs, param_dtype=pd, init=small
+        )
+        self.time_embedding_2 = Linear(d, d, ("mlp", "embed"), rngs=rngs, param_dtype=pd, init=small)
+        self.time_projection = Linear(d, 6 * d, ("embed", "mlp"), rngs=rngs, param_dtype=pd)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(r):
+            return WanBlock(cfg, rngs=r)
+
+        self.blocks = make_blocks(rngs)
+        out = cfg.patch_features // cfg.in_channels * cfg.out_channels
+        self.head = Linear(d, out, ("embed", "patch"), rngs=rngs, param_dtype=pd, zero=cfg.zero_init_head)
+        self.head_modulation = _param(
+            jax.random.normal(rngs.params(), (2, d), pd) / math.sqrt(d), ("modulation", "norm")
+        )
+
+    # --- pieces ---------------------------------------------------------------------------
+
+    def encode_text(self, text: jax.Array) -> TextKV:
+        """text [B, T_text, text_dim] prompt embeddings -> per-layer cross-attention k/v.
+
+        Compute once per prompt and reuse for every chunk and denoising step.
+        """
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        if text.ndim != 3 or text.shape[-1] != cfg.text_dim:
+            raise ValueError(f"text embeddings must be [B, T, {cfg.text_dim}], got {text.shape}")
+        emb = self.text_embedding_2(gelu_tanh(self.text_embedding_1(text, dt)), dt)  # [B, T, D]
+        graphdef, state = nnx.split(self.blocks)
+
+        def per_layer(layer_state):
+            block = nnx.merge(graphdef, layer_state)
+            return block.text_kv(cfg, emb)
+
+        k, v = jax.vmap(per_layer)(state)  # [L, B, T, N, H]
+        return TextKV(k, v)
+
+    def time_modulation(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """t [B, F] (0..1000) -> temb [B, F, D] fp32, e [B, F, 6, D] fp32."""
+        cfg = self.cfg
+        f32 = jnp.float32
+        temb = self.time_embedding_2(
+            jax.nn.silu(self.time_embedding_1(timestep_sinusoid(t, cfg.freq_dim), f32)), f32
+        )
+        e = self.time_projection(jax.nn.silu(temb), f32)
+        return temb, rearrange(e, "b f (six d) -> b f six d", six=6)
+
+    def patchify(self, x: jax.Array) -> jax.Array:
+        """[B, F, H, W, C] -> tokens [B, F*h*w, ph*pw*C] ordered (frame, h, w)."""
+        _, ph, pw = self.cfg.patch_size
+        return rearrange(x, "b f (h ph) (w pw) c -> b (f h w) (ph pw c)", ph=ph, pw=pw)
+
+    def unpatchify(self, y: jax.Array, f: int, h: int, w: int) -> jax.Array:
+        _, ph, pw = self.cfg.patch_size
+        return rearrange(y, "b (f h w) (ph pw c) -> b f (h ph) (w pw) c", f=f, h=h, w=w, ph=ph, pw=pw)
+
+    # --- forward --------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        text: TextKV | jax.Array,
+        frame_pos: jax.Array,
+        ctx: Context | None = None,
+        frame_mask: jax.Array | None = None,
+        return_key_mass: bool = False,
+    ) -> ForwardOut:
+        """Denoiser forward on F frames, attending to an optional cached context.
+
+        x:          [B, F, H, W, C] noisy latents (channels last).
+        t:          [B, F] timesteps in [0, 1000] (per frame).
+        text:       TextKV from `encode_text`, or raw embeddings [B, T_text, text_dim].
+        frame_pos:  [B, F] or [F] temporal RoPE index of each frame.
+        ctx:        Context of S cached frames (or None).
+        frame_mask: [F, S + F] or [B, F, S + F] bool, query frame x key frame (context first).
+                    Default: every valid context frame and every own frame is visible.
+        Returns ForwardOut(velocity [B, F, H, W, C_out], k/v [L, B, F, P, N, H], key_mass).
+        """
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        b, f, hh, ww, c = x.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"latents have {c} channels, model.in_channels={cfg.in_channels}")
+        _, ph, pw = cfg.patch_size
+        if hh % ph or ww % pw:
+            raise ValueError(f"latent size {hh}x{ww} is not divisible by the patch size {cfg.patch_size}")
+        gh, gw = hh // ph, ww // pw
+        p = gh * gw
+        if t.shape != (b, f):
+            raise ValueError(f"timesteps must be [B, F] = {(b, f)}, got {t.shape}")
+        frame_pos = jnp.broadcast_to(jnp.asarray(frame_pos), (b, f))
+        if not isinstance(text, TextKV):
+            text = self.encode_text(text)
+
+        tokens = self.patch_embedding(self.patchify(x), dt)  # [B, T, D]
+        tokens = shd.constrain(tokens, ("batch", "act_tokens", "act_embed"))
+        temb, e = self.time_modulation(t)
+
+        s = 0 if ctx is None else ctx.k.shape[2]
+        rope_q = attn.rope_angles(frame_pos, (gh, gw), cfg.head_dim, cfg.rope_theta)  # [B, T, H/2]
+        if ctx is not None:
+            if ctx.k.shape[3] != p:
+                raise ValueError(f"context has {ctx.k.shape[3]} tokens per frame, input has {p}")
+            rope_ctx = attn.rope_angles(ctx.pos, (gh, gw), cfg.head_dim, cfg.rope_theta)
+            rope_k = jnp.concatenate([rope_ctx, rope_q], axis=1)
+        else:
+            rope_k = rope_q
+
+        # frame-level mask [B, F, S + F] -> token mask
+        fm = jnp.ones((b, f, s + f), bool)
+        if frame_mask is not None:
+            frame_mask = jnp.asarray(frame_mask, bool)
+            if frame_mask.shape[-2:] != (f, s + f):
+                raise ValueError(f"frame_mask must be [.., {f}, {s + f}] (F, S + F), got {frame_mask.shape}")
+            fm = fm & jnp.broadcast_to(frame_mask, (b, f, s + f))
+        if ctx is not None:
+            fm = fm & jnp.concatenate([ctx.valid.astype(bool), jnp.ones((b, f), bool)], axis=1)[:, None, :]
+        mask = None if (frame_mask is None and ctx is None) else attn.expand_frame_mask(fm, p, p)
+
+        graphdef, block_state = nnx.split(self.blocks)
+
+        def body(h, xs):
+            layer_state, tk, tv, ck, cv = xs
+            block = nnx.merge(graphdef, layer_state)
+            h, k_new, v_new, mass = block(cfg, h, e, tk, tv, rope_q, rope_k, ck, cv, mask, return_key_mass)
+            return h, (k_new, v_new, mass)
+
+        body = _remat(body, cfg.remat)
+        ck = None if ctx is None else ctx.k
+        cv = None if ctx is None else ctx.v
+        h, (k_new, v_new, mass) = jax.lax.scan(body, tokens.astype(dt), (block_state, text.k, text.v, ck, cv))
+
+        # head
+        mod = self.head_modulation[...].astype(jnp.float32)[None, None] + temb[:, :, None, :]  # [B,F,2,D]
+        shift = jnp.repeat(mod[:, :, 0], p, axis=1)
+        scale = jnp.repeat(mod[:, :, 1], p, axis=1)
+        y = self.head(layer_norm(h, cfg.eps) * (1 + scale) + shift, dt)
+        vel = self.unpatchify(y, f, gh, gw).astype(jnp.float32)
+        k_new = rearrange(k_new, "l b (f p) n h -> l b f p n h", f=f)
+        v_new = rearrange(v_new, "l b (f p) n h -> l b f p n h", f=f)
+        if return_key_mass:
+            mass = rearrange(mass, "l b (s p) -> l b s p", p=p).sum(-1)  # [L, B, S + F]
+        return ForwardOut(vel, k_new, v_new, mass if return_key_mass else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Functional boundary
+# --------------------------------------------------------------------------------------------
+
+
+def create_model(cfg: WanConfig, seed: int = 0) -> WanDiT:
+    return WanDiT(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: WanConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, abstract params) without allocating anything."""
+    model = nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def create_sharded(cfg: WanConfig, mesh, rules=shd.DEFAULT_RULES, seed: int = 0):
+    """Create params directly in their shardings on `mesh` (jit with out_shardings).
+
+    Returns (graphdef, params, shardings).
+    """
+    graphdef, abstract = abstract_model(cfg)
+    shardings = shd.state_shardings(abstract, mesh, rules)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init():
+        return nnx.split(WanDiT(cfg, rngs=nnx.Rngs(seed)))[1]
+
+    return graphdef, init(), shardings
+
+
+def forward(graphdef, params, *args, **kwargs) -> ForwardOut:
+    """Pure forward: merge params into the graph and run. Use inside jit."""
+    return nnx.merge(graphdef, params)(*args, **kwargs)
+
+
+def encode_text(graphdef, params, text) -> TextKV:
+    return nnx.merge(graphdef, params).encode_text(text)
+
+
+def param_count(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# --------------------------------------------------------------------------------------------
+# Weight conversion tables (torch key regex -> our path, transform)
+# --------------------------------------------------------------------------------------------
+
+
+def _patch_kernel(w: np.ndarray) -> np.ndarray:
+    """Conv3d weight [D, C, pt, ph, pw] -> [pt*ph*pw*C, D] matching patchify's (ph pw c) order."""
+    d = w.shape[0]
+    return np.transpose(w, (2, 3, 4, 1, 0)).reshape(-1, d)
+
+
+def _head_kernel(w: np.ndarray) -> np.ndarray:
+    return w.T  # [out=(pt ph pw c), D] -> [D, out]; torch's out order already (pt ph pw c)
+
+
+def _modulation(w: np.ndarray) -> np.ndarray:
+    return w.reshape(w.shape[-2], w.shape[-1])  # [1, 6, D] -> [6, D]
+
+
+def _linear_rules(src: str, dst: str, stacked: bool) -> list[Rule]:
+    g = 1 if stacked else None
+    return [
+        Rule(src + r"\.weight", dst + "/kernel", linear_kernel, g),
+        Rule(src + r"\.bias", dst + "/bias", identity, g),
+    ]
+
+
+def conversion_rules(layout: str) -> list[Rule]:
+    """Rules for the 'original' Wan2.1 layout (also Self-Forcing / LongLive after prefix strip) and
+    the 'diffusers' layout of `WanTransformer3DModel`."""
+    if layout == "original":
+        names = dict(
+            patch=r"patch_embedding",
+            text1=r"text_embedding\.0",
+            text2=r"text_embedding\.2",
+            time1=r"time_embedding\.0",
+            time2=r"time_embedding\.2",
+            proj=r"time_projection\.1",
+            sa=r"blocks\.(\d+)\.self_attn",
+            ca=r"blocks\.(\d+)\.cross_attn",
+            q="q",
+            k="k",
+            v="v",
+            o="o",
+            normc=r"blocks\.(\d+)\.norm3",
+            ffn1=r"blocks\.(\d+)\.ffn\.0",
+            ffn2=r"blocks\.(\d+)\.ffn\.2",
+            mod=r"blocks\.(\d+)\.modulation",
+            head=r"head\.head",
+            head_mod=r"head\.modulation",
+        )
+    elif layout == "diffusers":
+        names = dict(
+            patch=r"patch_embedding",
+            text1=r"condition_embedder\.text_embedder\.linear_1",
+            text2=r"condition_embedder\.text_embedder\.linear_2",
+            time1=r"condition_embedder\.time_embedder\.linear_1",
+            time2=r"condition_embedder\.time_embedder\.linear_2",
+            proj=r"condition_embedder\.time_proj",
+            sa=r"blocks\.(\d+)\.attn1",
+            ca=r"blocks\.(\d+)\.attn2",
+            q="to_q",
+            k="to_k",
+            v="to_v",
+            o=r"to_out\.0",
+            normc=r"blocks\.(\d+)\.norm2",
+            ffn1=r"blocks\.(\d+)\.ffn\.net\.0\.proj",
+            ffn2=r"blocks\.(\d+)\.ffn\.net\.2",
+            mod=r"blocks\.(\d+)\.scale_shift_table",
+            head=r"proj_out",
+            head_mod=r"scale_shift_table",
+        )
+    else:
+        raise ValueError(f"unknown DiT checkpoint layout {layout!r}; expected 'original' or 'diffusers'")
+    n = names
+    rules = [
+        Rule(n["patch"] + r"\.weight", "patch_embedding/kernel", _patch_kernel),
+        Rule(n["patch"] + r"\.bias", "patch_embedding/bias"),
+        *_linear_rules(n["text1"], "text_embedding_1", False),
+        *_linear_rules(n["text2"], "text_embedding_2", False),
+        *_linear_rules(n["time1"], "time_embedding_1", False),
+        *_linear_rules(n["time2"], "time_embedding_2", False),
+        *_linear_rules(n["proj"], "time_projection", False),
+        Rule(n["head"] + r"\.weight", "head/kernel", _head_kernel),
+        Rule(n["head"] + r"\.bias", "head/bias"),
+        Rule(n["head_mod"], "head_modulation", _modulation),
+        Rule(n["normc"] + r"\.weight", "blocks/norm_cross_scale", identity, 1),
+        Rule(n["normc"] + r"\.bias", "blocks/norm_cross_bias", identity, 1),
+        *_linear_rules(n["ffn1"], "blocks/ffn_in", True),
+        *_linear_rules(n["ffn2"], "blocks/ffn_out", True),
+        Rule(n["mod"], "blocks/modulation", _modulation, 1),
+    ]
+    for attn_src, attn_dst in ((n["sa"], "blocks/self_attn"), (n["ca"], "blocks/cross_attn")):
+        for proj in ("q", "k", "v", "o"):
+            rules += _linear_rules(attn_src + r"\." + n[proj], f"{attn_dst}/{proj}", True)
+        rules += [
+            Rule(attn_src + r"\.norm_q\.weight", f"{attn_dst}/norm_q/scale", identity, 1),
+            Rule(attn_src + r"\.norm_k\.weight", f"{attn_dst}/norm_k/scale", identity, 1),
+        ]
+    return rules
+
+
+def detect_layout(keys) -> str:
+    keys = set(keys)
+    if any(k.startswith("condition_embedder.") for k in keys):
+        return "diffusers"
+    if any(k.startswith("text_embedding.") or k.startswith("head.head") for k in keys):
+        return "original"
+    raise ValueError(
+        "cannot tell the checkpoint layout (neither Wan2.1 'original' nor 'diffusers' keys found)"
+    )
+
+
+# Keys present in some checkpoints that carry no parameters of ours (e.g. buffers, I2V image parts).
+IGNORED_KEYS = (r"freqs", r".*\.rope\..*", r"rope\..*")
