@@ -687,6 +687,7 @@ class PrecomputedTextEncoder:
 # --------------------------------------------------------------------------------------------
 
 _STRIP = ".,;:!?\"'()[]{}"
+PAD_WORD = "<pad>"
 
 
 def split_words(prompt: str) -> list[str]:
@@ -697,10 +698,12 @@ def split_words(prompt: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class WordEmbeddingConfig:
-    """vocab: the known words (lowercase, no whitespace). text_len / text_dim: output shape.
-    mlp_hidden: hidden width of an optional per-token MLP (Linear, GELU-tanh, Linear; text_dim in
-    and out) after the table; None = the table rows are the output. positional: add a learned embedding per
-    token position (word order matters: 'left then right')."""
+    """vocab: the known words (lowercase, no whitespace); word i gets id i + 1, id 0 is padding.
+    A leading "<pad>" entry is taken as that padding id, so `data.panworld.prompt_vocabulary()`
+    can be passed as is and its `prompt_ids` fed straight to the encoder.
+    text_len / text_dim: output shape. mlp_hidden: hidden width of an optional per-token MLP
+    (Linear, GELU-tanh, Linear; text_dim in and out) after the table; None = the table rows are
+    the output. positional: add a learned embedding per token position (word order matters)."""
 
     vocab: tuple[str, ...]
     text_len: int = 16
@@ -710,7 +713,10 @@ class WordEmbeddingConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        object.__setattr__(self, "vocab", tuple(self.vocab))
+        vocab = tuple(self.vocab)
+        if vocab and vocab[0] == PAD_WORD:
+            vocab = vocab[1:]
+        object.__setattr__(self, "vocab", vocab)
         if not self.vocab:
             raise ValueError("WordEmbeddingConfig.vocab is empty")
         seen = set()
@@ -720,8 +726,8 @@ class WordEmbeddingConfig:
                     f"vocabulary word {w!r} must be a non-empty lowercase word "
                     "without spaces or edge punctuation"
                 )
-            if w in seen:
-                raise ValueError(f"vocabulary word {w!r} appears twice")
+            if w in seen or w == PAD_WORD:
+                raise ValueError(f"vocabulary word {w!r} appears twice (or {PAD_WORD!r} not first)")
             seen.add(w)
         if self.text_len < 1 or self.text_dim < 1:
             raise ValueError(f"text_len {self.text_len} and text_dim {self.text_dim} must be positive")
@@ -787,11 +793,18 @@ class WordEmbeddingEncoder(nnx.Module):
         return ids, (ids != 0).astype(np.int32)
 
     def __call__(self, ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """ids [B, text_len] int (0 = pad), mask [B, text_len] -> [B, text_len, text_dim] float32."""
-        if ids.ndim != 2 or ids.shape[1] != self.config.text_len:
-            raise ValueError(f"ids must be [B, {self.config.text_len}], got shape {ids.shape}")
+        """ids [B, n] int (0 = pad, n <= text_len; zero-padded to text_len), mask [B, n] (default
+        ids != 0) -> [B, text_len, text_dim] float32 with zero rows at padding."""
+        L = self.config.text_len
+        if ids.ndim != 2 or ids.shape[1] > L:
+            raise ValueError(f"ids must be [B, n] with n <= text_len {L}, got shape {ids.shape}")
         if mask is None:
             mask = ids != 0
+        if mask.shape != ids.shape:
+            raise ValueError(f"mask shape {mask.shape} does not match ids {ids.shape}")
+        if ids.shape[1] < L:
+            pad = ((0, 0), (0, L - ids.shape[1]))
+            ids, mask = jnp.pad(ids, pad), jnp.pad(mask, pad)
         x = jnp.take(self.table[...], ids, axis=0).astype(jnp.float32)  # [B, L, D]
         if self.positions is not None:
             x = x + self.positions[...].astype(jnp.float32)[None]

@@ -268,6 +268,19 @@ def test_word_encoder_rejects_unknown_words_and_long_prompts(words):
         text.WordEmbeddingConfig(vocab=("Left",))
 
 
+def test_word_encoder_takes_a_pad_first_vocabulary_and_short_id_rows():
+    # PanWorld's prompt_vocabulary() starts with "<pad>" and its prompt_ids are 0-padded to 4 words
+    cfg = text.WordEmbeddingConfig(vocab=("<pad>", "static", "pan", "left"), text_len=6, text_dim=8)
+    enc = text.WordEmbeddingEncoder(cfg, rngs=nnx.Rngs(2))
+    assert cfg.vocab == ("static", "pan", "left")
+    ids, _ = enc.tokenize(["pan left"])
+    np.testing.assert_array_equal(ids[0, :3], [2, 3, 0])  # the same ids as the pad-first list
+    short = enc(jnp.asarray([[2, 3, 0, 0]], jnp.int32))
+    np.testing.assert_allclose(np.asarray(short), enc.encode(["pan left"]), rtol=1e-6)
+    with pytest.raises(ValueError, match="'<pad>'"):
+        text.WordEmbeddingConfig(vocab=("pan", "<pad>"))
+
+
 def test_word_encoder_with_mlp_is_trainable_and_keeps_the_contract():
     cfg = text.WordEmbeddingConfig(vocab=("pan", "left", "right"), text_len=4, text_dim=8, mlp_hidden=16)
     enc = text.WordEmbeddingEncoder(cfg, rngs=nnx.Rngs(1))
