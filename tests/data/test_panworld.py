@@ -205,3 +205,15 @@ def test_grain_source_records_batch_with_map_dataset_and_data_loader():
 def test_config_rejects_inconsistent_values(override, message):
     with pytest.raises(ValueError, match=message):
         pw.PanWorldConfig(**override)
+
+
+def test_views_agree_where_they_overlap_including_sprites_cut_by_the_frame_edge():
+    config = dataclasses.replace(CONFIG, num_static_sprites=4, num_moving_sprites=8)
+    world = pw.make_world(config, 21)
+    k = 7  # the view at x + k shows columns k.. of the view at x
+    for x in np.concatenate(
+        [world.moving_x0 - 3.25, world.moving_x0 + 5.5, world.static_sprite_xy[:, 0] + 2]
+    ):
+        for t in (0.0, 13.0):
+            near, shifted = pw.render_view(world, x, t), pw.render_view(world, x + k, t)
+            np.testing.assert_allclose(shifted[:, : config.frame_width - k], near[:, k:], atol=1e-5)
