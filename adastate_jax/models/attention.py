@@ -45,19 +45,25 @@ def _inv_freq(dim: int, theta: float) -> np.ndarray:
     return 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
 
 
+ROPE_TABLE_POSITIONS = 1024  # Wan's table size; positions beyond it are computed analytically
+
+
 def rope_angles(
     temporal_pos: jax.Array, grid_hw: tuple[int, int], head_dim: int, theta: float = 10000.0
-) -> jax.Array:
-    """Rotation angles for every token of some frames.
+) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of the rotation angles for every token of some frames.
 
-    temporal_pos: [B, F] integer (or float) temporal index of each frame.
-    Returns [B, F * h * w, head_dim // 2] float32 angles, tokens ordered (frame, h, w) and the
-    angle channels ordered (t-part, h-part, w-part) as in Wan.
+    temporal_pos: [B, F] integer temporal index of each frame.
+    Returns (cos, sin), each [B, F * h * w, head_dim // 2] float32, tokens ordered (frame, h, w) and
+    the channels ordered (t-part, h-part, w-part) as in Wan.
+
+    Like Wan, the tables are computed in float64 (numpy, at trace time) and gathered by position,
+    so the values do not depend on how XLA fuses the surrounding computation; temporal positions
+    outside [0, 1024) fall back to float32 cos/sin (there is no position cap).
     """
     h, w = grid_hw
     dt, dh, dw = rope_split(head_dim)
-    inv_t = jnp.asarray(_inv_freq(dt, theta), jnp.float32)  # [dt/2]
-    # spatial angles are static: compute in float64 numpy, exact.
+    inv_t = _inv_freq(dt, theta)
     ang_h = np.arange(h, dtype=np.float64)[:, None] * _inv_freq(dh, theta)[None]  # [h, dh/2]
     ang_w = np.arange(w, dtype=np.float64)[:, None] * _inv_freq(dw, theta)[None]  # [w, dw/2]
     spatial = np.concatenate(
@@ -67,23 +73,42 @@ def rope_angles(
         ],
         axis=-1,
     ).reshape(h * w, (dh + dw) // 2)  # [P, (dh+dw)/2]
-    b, f = temporal_pos.shape
-    ang_t = temporal_pos.astype(jnp.float32)[..., None] * inv_t  # [B, F, dt/2]
-    ang_t = jnp.broadcast_to(ang_t[:, :, None, :], (b, f, h * w, dt // 2))
-    spatial = jnp.broadcast_to(jnp.asarray(spatial, jnp.float32), (b, f, h * w, spatial.shape[-1]))
-    return jnp.concatenate([ang_t, spatial], axis=-1).reshape(b, f * h * w, head_dim // 2)
+    table = np.arange(ROPE_TABLE_POSITIONS, dtype=np.float64)[:, None] * inv_t[None]  # [R, dt/2]
+    pos = jnp.asarray(temporal_pos)
+    b, f = pos.shape
+    in_table = (pos >= 0) & (pos < ROPE_TABLE_POSITIONS)
+    idx = jnp.clip(pos, 0, ROPE_TABLE_POSITIONS - 1).astype(jnp.int32)
+    far = pos.astype(jnp.float32)[..., None] * jnp.asarray(inv_t, jnp.float32)  # [B, F, dt/2]
+
+    def part(fn):
+        t_part = jnp.where(
+            in_table[..., None], jnp.take(jnp.asarray(fn(table), jnp.float32), idx, axis=0), fn(far)
+        )
+        t_part = jnp.broadcast_to(t_part[:, :, None, :], (b, f, h * w, dt // 2))
+        s_part = jnp.broadcast_to(jnp.asarray(fn(spatial), jnp.float32), (b, f, h * w, spatial.shape[-1]))
+        return jnp.concatenate([t_part, s_part], axis=-1).reshape(b, f * h * w, head_dim // 2)
+
+    return part(_cos), part(_sin)
 
 
-def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
-    """Rotate interleaved channel pairs (x[2i], x[2i+1]) by angles.
+def _cos(x):
+    return np.cos(x) if isinstance(x, np.ndarray) else jnp.cos(x)
 
-    x: [B, T, N, H]; angles: [B, T, H/2]. Computed in float32, returned in x's dtype.
+
+def _sin(x):
+    return np.sin(x) if isinstance(x, np.ndarray) else jnp.sin(x)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) by the angles whose (cos, sin) are given.
+
+    x: [B, T, N, H]; cos, sin: [B, T, H/2]. Computed in float32, returned in x's dtype.
     """
+    cos, sin = rope
     dtype = x.dtype
     xf = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
     x1, x2 = xf[..., 0], xf[..., 1]  # [B, T, N, H/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
     return out.reshape(x.shape).astype(dtype)
 

@@ -266,7 +266,7 @@ class WanBlock(nnx.Module):
         """One block.
 
         x [B, T, D] (T = F*P own tokens); e [B, F, 6, D] fp32 modulation (time_projection output);
-        text_k/v [B, Tt, N, H]; rope_q [B, T, H/2]; rope_k [B, S*P + T, H/2];
+        text_k/v [B, Tt, N, H]; rope_q (cos, sin) [B, T, H/2]; rope_k (cos, sin) [B, S*P + T, H/2];
         ctx_k/v [B, S, P, N, H] or None; mask [B, 1, T, S*P + T] bool or None.
         Returns x [B, T, D], new k/v [B, T, N, H] (un-roped), key mass [B, S*P + T] or None.
         """
@@ -458,12 +458,12 @@ class WanDiT(nnx.Module):
         temb, e = self.time_modulation(t)
 
         s = 0 if ctx is None else ctx.k.shape[2]
-        rope_q = attn.rope_angles(frame_pos, (gh, gw), cfg.head_dim, cfg.rope_theta)  # [B, T, H/2]
+        rope_q = attn.rope_angles(frame_pos, (gh, gw), cfg.head_dim, cfg.rope_theta)  # cos, sin [B, T, H/2]
         if ctx is not None:
             if ctx.k.shape[3] != p:
                 raise ValueError(f"context has {ctx.k.shape[3]} tokens per frame, input has {p}")
             rope_ctx = attn.rope_angles(ctx.pos, (gh, gw), cfg.head_dim, cfg.rope_theta)
-            rope_k = jnp.concatenate([rope_ctx, rope_q], axis=1)
+            rope_k = tuple(jnp.concatenate([a, b], axis=1) for a, b in zip(rope_ctx, rope_q))
         else:
             rope_k = rope_q
 

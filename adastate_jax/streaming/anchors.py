@@ -1,0 +1,236 @@
+"""Anchor policies: layouts of the one slot buffer plus a commit rule.
+
+Owns: `StreamConfig` (the `config.stream` section) and, for every policy, how many anchor and
+window slots the buffer has, which temporal index each slot and each frame of the current call
+shows the model (absolute or relative time), and where a finished chunk is committed.
+
+| policy     | anchor slots          | window slots   | commit                                              |
+|------------|-----------------------|----------------|-----------------------------------------------------|
+| window     | 0                     | window_frames  | ring buffer of the most recent frames               |
+| full       | 0                     | max_frames     | every frame (a ring only once max_frames is passed)  |
+| sink       | sink_frames           | window_frames  | first frames pinned; optional periodic refresh      |
+| ema_sink   | sink_frames           | window_frames  | sink = decay * sink + (1 - decay) * evicted frame   |
+| adastate   | state_frames (t = 0)  | window_frames  | clean state replaces the state slot every chunk     |
+
+`window_frames` counts the *previous* frames a chunk sees besides its anchor (W_p in the paper);
+the current chunk adds `chunk_frames`. LongLive's "local attention 12 = sink 3 + 9" is
+sink_frames=3, window_frames=6, chunk_frames=3.
+
+Relative time (`time_layout='relative'`): anchor slots at 0..A-1, the window's most recent frame
+at A+W-1 counting back, the current chunk at A+W..A+W+F-1, whatever the chunk number. For
+`adastate` the state query being denoised sits at the state slot's indices (0..F_s-1). Absolute
+time: every frame keeps its global index (anchors keep theirs), as Self-Forcing/LongLive do.
+
+Our readings (method.md): the `ema_sink` update of sink slot `e % A` by each evicted frame `e`;
+`first_chunk='noise'` fills the state slot before chunk 0 with the keys/values of a pure-noise
+state at the maximum timestep (`'mask'`, the default, leaves it empty at chunk 0).
+
+Must not know: the model internals, sampler or optimisers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adastate_jax.streaming.cache import EMPTY, Carry, write_slots
+
+POLICIES = ("window", "full", "sink", "ema_sink", "adastate")
+TIME_LAYOUTS = ("relative", "absolute")
+FIRST_CHUNK = ("mask", "noise")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    anchor: str = "adastate"
+    chunk_frames: int = 3
+    window_frames: int = 3
+    state_frames: int = 1
+    sink_frames: int = 3
+    max_frames: int = 21
+    time_layout: str = "relative"
+    ema_decay: float = 0.99
+    first_chunk: str = "mask"
+    sink_refresh_every: int = 0
+    recache_on_switch: bool = False
+    latent_h: int = 8
+    latent_w: int = 8
+    batch_size: int = 1
+
+    def __post_init__(self):
+        def bad(field, msg):
+            raise ValueError(f"config.stream.{field}: {msg}")
+
+        if self.anchor not in POLICIES:
+            bad("anchor", f"unknown policy {self.anchor!r}; choose from {POLICIES}")
+        if self.time_layout not in TIME_LAYOUTS:
+            bad("time_layout", f"{self.time_layout!r} not in {TIME_LAYOUTS}")
+        if self.first_chunk not in FIRST_CHUNK:
+            bad("first_chunk", f"{self.first_chunk!r} not in {FIRST_CHUNK}")
+        for f in ("chunk_frames", "latent_h", "latent_w", "batch_size"):
+            if getattr(self, f) <= 0:
+                bad(f, f"must be positive, got {getattr(self, f)}")
+        if self.anchor == "full":
+            if self.max_frames < self.chunk_frames:
+                bad("max_frames", f"{self.max_frames} is shorter than a chunk ({self.chunk_frames} frames)")
+        elif self.window_frames < self.chunk_frames:
+            bad(
+                "window_frames",
+                f"window of {self.window_frames} frames is shorter than a chunk "
+                f"(chunk_frames={self.chunk_frames}); a committed chunk would overwrite itself",
+            )
+        if self.anchor in ("sink", "ema_sink") and self.sink_frames <= 0:
+            bad("sink_frames", f"policy {self.anchor!r} needs sink_frames > 0, got {self.sink_frames}")
+        if self.anchor == "adastate" and self.state_frames <= 0:
+            bad("state_frames", f"policy 'adastate' needs state_frames > 0, got {self.state_frames}")
+        if not (0.0 <= self.ema_decay <= 1.0):
+            bad("ema_decay", f"must be in [0, 1], got {self.ema_decay}")
+        if self.sink_refresh_every < 0:
+            bad("sink_refresh_every", f"must be >= 0, got {self.sink_refresh_every}")
+
+    @classmethod
+    def from_dict(cls, d) -> StreamConfig:
+        d = dict(d)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown config.stream fields {unknown}; known: {sorted(fields)}")
+        return cls(**d)
+
+    # --- layout ---------------------------------------------------------------------------
+    @property
+    def anchor_slots(self) -> int:
+        return {"window": 0, "full": 0, "sink": self.sink_frames, "ema_sink": self.sink_frames}.get(
+            self.anchor, self.state_frames
+        )
+
+    @property
+    def window_slots(self) -> int:
+        return self.max_frames if self.anchor == "full" else self.window_frames
+
+    @property
+    def num_slots(self) -> int:
+        return self.anchor_slots + self.window_slots
+
+    @property
+    def query_state_frames(self) -> int:
+        """Frames of adaptive state denoised with every chunk (0 unless adastate)."""
+        return self.state_frames if self.anchor == "adastate" else 0
+
+    @property
+    def frames_per_call(self) -> int:
+        return self.query_state_frames + self.chunk_frames
+
+
+def slot_positions(sc: StreamConfig, carry: Carry) -> jax.Array:
+    """[S] temporal index each slot shows the model."""
+    a, w = sc.anchor_slots, sc.window_slots
+    fi = carry.frame_idx
+    if sc.time_layout == "absolute":
+        if sc.anchor == "adastate":
+            anchor_pos = jnp.arange(a, dtype=jnp.int32)
+        else:
+            anchor_pos = fi[:a]
+        window_pos = fi[a:]
+    else:
+        anchor_pos = jnp.arange(a, dtype=jnp.int32)
+        window_pos = a + w - (carry.num_frames - fi[a:])  # most recent frame at a + w - 1
+    pos = jnp.concatenate([anchor_pos, window_pos]).astype(jnp.int32)
+    return jnp.where(carry.valid, pos, 0)
+
+
+def query_positions(sc: StreamConfig, carry: Carry) -> jax.Array:
+    """[F_s + F] temporal index of the frames denoised in this call (state first, then content)."""
+    fs, f = sc.query_state_frames, sc.chunk_frames
+    state_pos = jnp.arange(fs, dtype=jnp.int32)
+    if sc.time_layout == "absolute":
+        content = carry.num_frames + jnp.arange(f, dtype=jnp.int32)
+    else:
+        content = sc.anchor_slots + sc.window_slots + jnp.arange(f, dtype=jnp.int32)
+    return jnp.concatenate([state_pos, content])
+
+
+def content_slots(sc: StreamConfig, frame_idx: jax.Array) -> jax.Array:
+    """Destination slot of each content frame (by its global index)."""
+    a, w = sc.anchor_slots, sc.window_slots
+    ring = a + (frame_idx - (a if sc.anchor in ("sink", "ema_sink") else 0)) % w
+    if sc.anchor in ("sink", "ema_sink"):
+        return jnp.where(frame_idx < a, frame_idx, ring)
+    return ring
+
+
+def commit(sc: StreamConfig, carry: Carry, k: jax.Array, v: jax.Array, latents: jax.Array) -> Carry:
+    """Commit a finished chunk.
+
+    k, v: [L, B, F_s + F, P, N, H] from the cache-refresh pass (state frames first);
+    latents: [B, F_s + F, h, w, C] clean state + content.
+    """
+    fs, f = sc.query_state_frames, sc.chunk_frames
+    g = carry.num_frames + jnp.arange(f, dtype=jnp.int32)  # global indices of the content frames
+    kc, vc, lc = k[:, :, fs:], v[:, :, fs:], latents[:, fs:]
+
+    if sc.anchor == "adastate":
+        state_slots = jnp.arange(fs)
+        carry = write_slots(
+            carry, state_slots, k[:, :, :fs], v[:, :, :fs], latents[:, :fs], jnp.full((fs,), carry.chunk)
+        )
+        carry = carry.replace(state=latents[:, :fs].astype(carry.state.dtype))
+
+    dest = content_slots(sc, g)
+    if sc.anchor == "ema_sink":
+        carry = _ema_evicted_into_sink(sc, carry, dest)
+    carry = write_slots(carry, dest, kc, vc, lc, g)
+
+    if sc.anchor == "sink" and sc.sink_refresh_every > 0:
+        carry = _refresh_sink(sc, carry, kc, vc, lc, g)
+    return carry.replace(num_frames=carry.num_frames + f, chunk=carry.chunk + 1)
+
+
+def _ema_evicted_into_sink(sc: StreamConfig, carry: Carry, dest: jax.Array) -> Carry:
+    """Before overwriting window slots, fold each evicted frame e into sink slot e % A."""
+    a, d = sc.anchor_slots, sc.ema_decay
+    k, v, lat = carry.k, carry.v, carry.latents
+    for j in range(sc.chunk_frames):  # static: a few frames
+        slot = dest[j]
+        evicted = carry.frame_idx[slot]
+        do = (slot >= a) & carry.valid[slot] & (evicted != EMPTY)
+        sink = jnp.maximum(evicted, 0) % a
+
+        def mix(buf, ax):
+            sink_val = jnp.take(buf, sink, axis=ax)
+            blended = jnp.where(do, d * sink_val + (1 - d) * jnp.take(buf, slot, axis=ax), sink_val)
+            return buf.at[(slice(None),) * ax + (sink,)].set(blended.astype(buf.dtype))
+
+        k, v, lat = mix(k, 2), mix(v, 2), mix(lat, 1)
+    return carry.replace(k=k, v=v, latents=lat)
+
+
+def _refresh_sink(sc: StreamConfig, carry: Carry, kc, vc, lc, g) -> Carry:
+    """Rolling-Sink heuristic: every R chunks, the sink is replaced by the last A frames just made."""
+    a = sc.anchor_slots
+    take = min(a, sc.chunk_frames)
+    refresh = ((carry.chunk + 1) % sc.sink_refresh_every == 0) & (carry.chunk > 0)
+    slots = jnp.arange(a - take, a)
+    new = write_slots(carry, slots, kc[:, :, -take:], vc[:, :, -take:], lc[:, -take:], g[-take:])
+    return jax.tree.map(lambda n, o: jnp.where(refresh, n, o), new, carry)
+
+
+def describe_layout(sc: StreamConfig) -> str:
+    a, w = sc.anchor_slots, sc.window_slots
+    name = {"adastate": "state", "sink": "sink", "ema_sink": "ema-sink"}.get(sc.anchor, "")
+    parts = ([f"{name} {a}"] if a else []) + [f"window {w}", f"chunk {sc.chunk_frames}"]
+    if sc.query_state_frames:
+        parts.append(f"state query {sc.query_state_frames}")
+    return f"{sc.anchor} ({sc.time_layout} time): " + " + ".join(parts)
+
+
+def slot_groups(sc: StreamConfig) -> np.ndarray:
+    """[S + F_s + F] group id of every key frame of a call: 0 anchor/state, 1 window, 2 current."""
+    a, w = sc.anchor_slots, sc.window_slots
+    return np.asarray([0] * a + [1] * w + [2] * sc.frames_per_call)
+
+
+GROUP_NAMES = ("anchor", "window", "current")

@@ -1,0 +1,359 @@
+"""One `step`, three uses: scan rollout, live streaming, and (later) training through the recurrence.
+
+Owns: `Streamer`, which binds a DiT graph, the stream/sampler configs and an optional streaming
+decoder, and provides
+  * `init_carry(params, prompts, key)`                   -> Carry
+  * `step(params, carry, prompt_id, prompts, key=None)`  -> (Carry, ChunkOut)   denoise + commit
+  * `rollout(params, carry, prompt_ids, prompts)`        -> (Carry, ChunkOut[N])  `lax.scan(step)`
+  * `stream(params, carry, prompt_ids, prompts)`         -> generator of ChunkOut (same jitted step)
+A prompt schedule is data: `prompt_ids[c]` indexes the prompt table `prompts [P, B, T, text_dim]`;
+a change of id between chunks is a prompt switch (new cross-attention keys/values, and LongLive's
+re-cache of the window when `stream.recache_on_switch`).
+
+`step` is a pure function of its arguments (the PRNG key lives in the carry and is folded with the
+chunk counter unless a key is passed), so it is differentiable and scan/generator agree bit for bit.
+
+Must not know: optimisers, files, metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from adastate_jax.models import wan
+from adastate_jax.streaming import anchors, sampler
+from adastate_jax.streaming.anchors import StreamConfig
+from adastate_jax.streaming.cache import EMPTY, Carry
+from adastate_jax.streaming.sampler import SamplerConfig
+
+
+@struct.dataclass
+class ChunkOut:
+    latents: jax.Array  # [B, F, h, w, C] clean content latents of this chunk (the video)
+    state: jax.Array  # [B, F_s, h, w, C] clean adaptive state (never part of the video)
+    positions: jax.Array  # [S + F_s + F] temporal index of every key frame the model saw
+    key_valid: jax.Array  # [S + F_s + F] which key frames were visible
+    key_mass: Any = None  # [L, S + F_s + F] attention share per key frame (instrumentation)
+    frames: Any = None  # [B, T, H, W, 3] decoded pixels when a decoder is configured
+
+
+class Decoder:
+    """Protocol of a streaming decoder in the carry (VAE or a codec).
+
+    init_cache(decoder_params, batch, latent_h, latent_w) -> cache (fixed shapes)
+    decode_chunk(decoder_params, cache, z [B, F, h, w, C]) -> (cache, frames [B, T, H, W, 3])
+    """
+
+    def init_cache(self, decoder_params, batch: int, latent_h: int, latent_w: int):
+        raise NotImplementedError
+
+    def decode_chunk(self, decoder_params, cache, z):
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Streamer:
+    graphdef: Any
+    model_cfg: wan.WanConfig
+    stream_cfg: StreamConfig
+    sampler_cfg: SamplerConfig = SamplerConfig()
+    decoder: Decoder | None = None
+    instrument: bool = False  # return attention share per key frame (reference attention path)
+
+    # ------------------------------------------------------------------------------------
+    # set-up
+    # ------------------------------------------------------------------------------------
+    @property
+    def branches(self) -> int:
+        """2 with classifier-free guidance (cond and uncond caches side by side in the batch)."""
+        return 1 if self.sampler_cfg.guidance_scale == 1.0 else 2
+
+    def _model(self, params) -> wan.WanDiT:
+        return nnx.merge(self.graphdef, params)
+
+    def _text_kv(self, params, prompts, prompt_id, negative):
+        text = jnp.take(prompts, prompt_id, axis=0)  # [B, T, Dt]
+        if self.branches == 2:
+            text = jnp.concatenate([text, negative], axis=0)
+        return self._model(params).encode_text(text)
+
+    def init_carry(
+        self,
+        params,
+        prompts: jax.Array,
+        key: jax.Array,
+        prompt_id: int = 0,
+        negative=None,
+        decoder_params=None,
+    ) -> Carry:
+        """An empty carry for `prompts [P, B, T, text_dim]`, starting with prompt `prompt_id`.
+
+        `negative`: [B, T, text_dim] unconditional embeddings for guidance (zeros if None).
+        """
+        sc, mc = self.stream_cfg, self.model_cfg
+        prompts = jnp.asarray(prompts)
+        if prompts.ndim != 4:
+            raise ValueError(f"prompts must be [P, B, T, text_dim], got shape {prompts.shape}")
+        b = prompts.shape[1]
+        if not (0 <= int(prompt_id) < prompts.shape[0]):
+            raise ValueError(f"prompt_id {prompt_id} out of range for {prompts.shape[0]} prompts")
+        h, w = sc.latent_h, sc.latent_w
+        p = mc.tokens_per_frame(h, w)
+        s = sc.num_slots
+        bb = b * self.branches
+        kv_dtype = jnp.dtype(mc.dtype)
+        negative = self._negative(prompts, negative)
+        text = self._text_kv(params, prompts, jnp.int32(prompt_id), negative)
+        key = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+        carry = Carry(
+            k=jnp.zeros((mc.num_layers, bb, s, p, mc.num_heads, mc.head_dim), kv_dtype),
+            v=jnp.zeros((mc.num_layers, bb, s, p, mc.num_heads, mc.head_dim), kv_dtype),
+            valid=jnp.zeros((s,), bool),
+            frame_idx=jnp.full((s,), EMPTY, jnp.int32),
+            latents=jnp.zeros((b, s, h, w, mc.in_channels), jnp.float32),
+            state=jnp.zeros((b, sc.query_state_frames, h, w, mc.in_channels), jnp.float32),
+            text=text,
+            prompt_id=jnp.int32(prompt_id),
+            num_frames=jnp.int32(0),
+            chunk=jnp.int32(0),
+            key=jnp.asarray(key, jnp.uint32),
+            decoder=None if self.decoder is None else self.decoder.init_cache(decoder_params, b, h, w),
+        )
+        if sc.anchor == "adastate" and sc.first_chunk == "noise":
+            carry = self._noise_state(params, carry)
+        return carry
+
+    def _negative(self, prompts, negative):
+        if self.branches == 1:
+            return None
+        if negative is None:
+            return jnp.zeros(prompts.shape[1:], prompts.dtype)
+        return jnp.asarray(negative)
+
+    def _noise_state(self, params, carry: Carry) -> Carry:
+        """first_chunk='noise': the state slot starts as the K/V of a pure-noise state at t_max."""
+        sc, mc = self.stream_cfg, self.model_cfg
+        b = carry.latents.shape[0]
+        fs = sc.query_state_frames
+        key = jax.random.fold_in(jax.random.wrap_key_data(carry.key), -1)
+        z = jax.random.normal(key, (b, fs, sc.latent_h, sc.latent_w, mc.in_channels))
+        t = jnp.full((b * self.branches, fs), float(self.sampler_cfg.num_train_timesteps))
+        out = self._model(params)(self._dup(z), t, carry.text, jnp.arange(fs))
+        slots = jnp.arange(fs)
+        from adastate_jax.streaming.cache import write_slots
+
+        return write_slots(carry, slots, out.k, out.v, z, jnp.full((fs,), -1))
+
+    def _dup(self, x):
+        return x if self.branches == 1 else jnp.concatenate([x, x], axis=0)
+
+    # ------------------------------------------------------------------------------------
+    # the step
+    # ------------------------------------------------------------------------------------
+    def step(self, params, carry: Carry, prompt_id, prompts, key=None, negative=None, decoder_params=None):
+        """Denoise one chunk (with the adaptive state for `adastate`) and commit it.
+
+        prompt_id: [] int32 index into `prompts [P, B, T, text_dim]` for this chunk.
+        key: optional PRNG key for this chunk's noise (default: the carry's key folded with the
+        chunk counter). Returns (carry, ChunkOut).
+        """
+        sc, smp = self.stream_cfg, self.sampler_cfg
+        model = self._model(params)
+        prompt_id = jnp.asarray(prompt_id, jnp.int32)
+        negative = self._negative(prompts, negative)
+
+        # --- prompt switch ---------------------------------------------------------------
+        switch = prompt_id != carry.prompt_id
+        text = jax.lax.cond(
+            switch, lambda: self._text_kv(params, prompts, prompt_id, negative), lambda: carry.text
+        )
+        carry = carry.replace(text=text, prompt_id=prompt_id)
+        if sc.recache_on_switch:
+            carry = jax.lax.cond(switch, lambda c: self._recache(model, c), lambda c: c, carry)
+
+        # --- context as the model sees it --------------------------------------------------
+        b = carry.latents.shape[0]
+        bb = b * self.branches
+        slot_pos = anchors.slot_positions(sc, carry)  # [S]
+        q_pos = anchors.query_positions(sc, carry)  # [F_s + F]
+        ctx = wan.Context(
+            carry.k,
+            carry.v,
+            jnp.broadcast_to(slot_pos, (bb, slot_pos.shape[0])),
+            jnp.broadcast_to(carry.valid, (bb, slot_pos.shape[0])),
+        )
+
+        # --- noise -------------------------------------------------------------------------
+        if key is None:
+            key = jax.random.fold_in(jax.random.wrap_key_data(carry.key), carry.chunk)
+        n_steps = len(smp.denoising_steps)
+        keys = jax.random.split(key, n_steps + 1)
+        shape = (b, sc.frames_per_call, sc.latent_h, sc.latent_w, self.model_cfg.in_channels)
+        noises = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)  # [n+1, B, F_s+F, h, w, C]
+
+        # --- few-step denoising (scan over steps) ------------------------------------------
+        ts = jnp.asarray(smp.timesteps, jnp.float32)  # [n]
+        sig = ts / smp.num_train_timesteps
+        sig_next = jnp.concatenate([sig[1:], jnp.zeros((1,), jnp.float32)])
+        is_last = jnp.arange(n_steps) == n_steps - 1
+
+        def denoise(x_t, xs):
+            t_i, s_i, s_next, noise, last = xs
+            v, mass = self._velocity(model, x_t, t_i, carry.text, q_pos, ctx)
+            x0 = sampler.x0_from_velocity(x_t, v, s_i)
+            x_next = jnp.where(last, x0, sampler.add_noise(x0, noise, s_next))
+            return x_next, mass
+
+        x0, masses = jax.lax.scan(denoise, noises[0], (ts, sig, sig_next, noises[1:], is_last))
+
+        # --- cache refresh at context_noise, then commit -----------------------------------
+        t_ctx = smp.context_noise
+        x_ctx = x0 if t_ctx == 0 else sampler.add_noise(x0, noises[-1], t_ctx / smp.num_train_timesteps)
+        t_arr = jnp.full((bb, sc.frames_per_call), t_ctx, jnp.float32)
+        refresh = model(self._dup(x_ctx), t_arr, carry.text, q_pos, ctx)
+        fs = sc.query_state_frames
+        out = ChunkOut(
+            latents=x0[:, fs:],
+            state=x0[:, :fs],
+            positions=jnp.concatenate([slot_pos, q_pos]),
+            key_valid=jnp.concatenate([carry.valid, jnp.ones((sc.frames_per_call,), bool)]),
+            key_mass=None if masses is None else masses[-1],
+        )
+        carry = anchors.commit(sc, carry, refresh.k, refresh.v, x0)
+
+        if self.decoder is not None:
+            dec_cache, frames = self.decoder.decode_chunk(decoder_params, carry.decoder, out.latents)
+            carry = carry.replace(decoder=dec_cache)
+            out = out.replace(frames=frames)
+        return carry, out
+
+    def _velocity(self, model, x_t, t_i, text, q_pos, ctx):
+        """Model velocity for the chunk (with guidance when configured) and the key mass."""
+        bb = x_t.shape[0] * self.branches
+        t = jnp.full((bb, x_t.shape[1]), t_i, jnp.float32)
+        res = model(self._dup(x_t), t, text, q_pos, ctx, return_key_mass=self.instrument)
+        v = res.velocity
+        if self.branches == 2:
+            v_c, v_u = jnp.split(v, 2, axis=0)
+            v = sampler.guided_velocity(v_c, v_u, self.sampler_cfg.guidance_scale)
+        mass = None
+        if self.instrument:
+            mass = res.key_mass[:, : x_t.shape[0]].mean(axis=1)  # [L, S + F_s + F] (cond branch)
+        return v, mass
+
+    def _recache(self, model: wan.WanDiT, carry: Carry) -> Carry:
+        """LongLive re-cache: re-run the window's clean frames under the new prompt (anchors kept)."""
+        sc = self.stream_cfg
+        a, w = sc.anchor_slots, sc.window_slots
+        b = carry.latents.shape[0]
+        bb = b * self.branches
+        pos = anchors.slot_positions(sc, carry)
+        val = carry.valid[a:]
+        chunk_id = jnp.where(val, carry.frame_idx[a:] // sc.chunk_frames, -1)
+        own = (chunk_id[None, :] <= chunk_id[:, None]) & val[None, :]  # [W, W]
+        ctx = None
+        frame_mask = own
+        if a:
+            ctx = wan.Context(
+                carry.k[:, :, :a],
+                carry.v[:, :, :a],
+                jnp.broadcast_to(pos[:a], (bb, a)),
+                jnp.broadcast_to(carry.valid[:a], (bb, a)),
+            )
+            frame_mask = jnp.concatenate([jnp.ones((w, a), bool), own], axis=1)
+        t = jnp.full((bb, w), self.sampler_cfg.context_noise, jnp.float32)
+        out = model(self._dup(carry.latents[:, a:]), t, carry.text, pos[a:], ctx, frame_mask)
+        keep = val[None, None, :, None, None, None]
+        k = carry.k.at[:, :, a:].set(jnp.where(keep, out.k.astype(carry.k.dtype), carry.k[:, :, a:]))
+        v = carry.v.at[:, :, a:].set(jnp.where(keep, out.v.astype(carry.v.dtype), carry.v[:, :, a:]))
+        return carry.replace(k=k, v=v)
+
+    # ------------------------------------------------------------------------------------
+    # three uses
+    # ------------------------------------------------------------------------------------
+    def rollout(
+        self, params, carry: Carry, prompt_ids: jax.Array, prompts, negative=None, decoder_params=None
+    ):
+        """`lax.scan` of `step` over chunks; `prompt_ids [N]` is the prompt schedule."""
+
+        def body(c, pid):
+            return self.step(params, c, pid, prompts, negative=negative, decoder_params=decoder_params)
+
+        return jax.lax.scan(body, carry, jnp.asarray(prompt_ids, jnp.int32))
+
+    @functools.cached_property
+    def jit_step(self):
+        """Jitted `step` with the carry donated: (params, carry, prompt_id, prompts, negative, decoder_params).
+
+        Compiled as a one-chunk `rollout`, so XLA sees the same loop body as the scan: the live
+        generator and the offline scan then agree bit for bit (a top-level compilation of the same
+        function may fuse differently and differ at float round-off).
+        """
+
+        def f(params, carry, prompt_id, prompts, negative=None, decoder_params=None):
+            ids = jnp.reshape(jnp.asarray(prompt_id, jnp.int32), (1,))
+            carry, outs = self.rollout(params, carry, ids, prompts, negative, decoder_params)
+            return carry, jax.tree.map(lambda x: x[0], outs)
+
+        return jax.jit(f, donate_argnums=(1,))
+
+    @functools.cached_property
+    def jit_rollout(self):
+        """Jitted `rollout` with the carry donated: (params, carry, prompt_ids, prompts, negative, decoder_params)."""
+        return jax.jit(self.rollout, donate_argnums=(1,))
+
+    def stream(
+        self, params, carry: Carry, prompt_ids: Iterable[int], prompts, negative=None, decoder_params=None
+    ) -> Iterator[ChunkOut]:
+        """Live streaming: yields each chunk as soon as it is ready (unbounded if `prompt_ids` is).
+
+        Calls the same jitted `step`; the final carry is available as `self.last_carry` is not kept
+        (the generator's return value is the carry: `carry = yield from ...`).
+        """
+        n_prompts = int(np.shape(prompts)[0])
+        for c, pid in enumerate(prompt_ids):
+            if not (0 <= int(pid) < n_prompts):
+                raise ValueError(f"prompt schedule entry {c} is {pid}, out of range for {n_prompts} prompts")
+            carry, out = self.jit_step(params, carry, jnp.int32(pid), prompts, negative, decoder_params)
+            yield out
+        return carry
+
+
+def prompt_schedule(
+    num_chunks: int, switches: dict[int, int] | Iterable[tuple[int, int]] | None, num_prompts: int
+) -> np.ndarray:
+    """[num_chunks] prompt ids from {chunk: prompt_id} switch points (prompt 0 until the first).
+
+    Raises naming the entry when a chunk or prompt id is out of range.
+    """
+    ids = np.zeros((num_chunks,), np.int32)
+    items = sorted(dict(switches or {}).items())
+    for chunk, pid in items:
+        if not (0 <= chunk < num_chunks):
+            raise ValueError(f"prompt switch at chunk {chunk} is outside the rollout's {num_chunks} chunks")
+        if not (0 <= pid < num_prompts):
+            raise ValueError(
+                f"prompt switch at chunk {chunk} names prompt {pid}; there are {num_prompts} prompts"
+            )
+        ids[chunk:] = pid
+    return ids
+
+
+def attention_shares(
+    sc: StreamConfig, key_mass: np.ndarray, key_valid: np.ndarray | None = None
+) -> np.ndarray:
+    """Sum per-key-frame attention mass into groups (anchor/state, window, current).
+
+    key_mass: [..., S + F_s + F]. Returns [..., 3] (fractions; sum to 1).
+    """
+    groups = anchors.slot_groups(sc)
+    km = np.asarray(key_mass)
+    return np.stack([km[..., groups == g].sum(-1) for g in range(3)], axis=-1)
