@@ -67,11 +67,12 @@ class PanWorldConfig:
     speed_words: tuple[str, ...] = ("slow", "medium", "fast")  # one word per speed
     back_and_forth_speed: float = 1.0  # px/frame
     back_and_forth_half_period: int = 12  # frames per leg of the triangle wave
-    code_rows: int = 2  # rows per code band (fine band, then coarse band)
+    code_rows: int = 2  # rows per code band (coarse band, then fine band)
+    sprite_margin: int = 1  # background rows kept free of sprites below the code band
     code_period: int = 32  # px, period of the fine code; must divide world_width
     code_amplitude: float = 0.9
-    num_static_sprites: int = 24
-    num_moving_sprites: int = 6
+    num_static_sprites: int = 32
+    num_moving_sprites: int = 8
     sprite_size: int = 12  # px; sklearn 8x8 digits are resized to this
     max_sprite_speed: float = 0.75  # px/frame of the self-moving sprites (uniform in +-[0.25, max])
     background_components: int = 6  # random low-frequency sinusoids per channel
@@ -87,10 +88,11 @@ class PanWorldConfig:
                 f"frame_height={self.frame_height} must exceed the code band (2 * code_rows="
                 f"{2 * self.code_rows}) by at least 2 rows"
             )
-        if self.sprite_size > self.frame_height - 2 * self.code_rows:
+        if self.sprite_size > self.frame_height - 2 * self.code_rows - self.sprite_margin:
             raise ValueError(
                 f"sprite_size={self.sprite_size} does not fit below the code band "
-                f"(frame_height={self.frame_height}, code_rows={self.code_rows})"
+                f"(frame_height={self.frame_height}, code_rows={self.code_rows}, "
+                f"sprite_margin={self.sprite_margin})"
             )
         if self.world_width < 4 * self.frame_width:
             raise ValueError(
@@ -114,6 +116,12 @@ class PanWorldConfig:
     @property
     def code_band_height(self) -> int:
         return 2 * self.code_rows
+
+    @property
+    def sprite_top(self) -> int:
+        """First row sprites may cover: a margin below the code band keeps their edges (blurred by
+        a model or a filter) out of the band."""
+        return 2 * self.code_rows + self.sprite_margin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +307,7 @@ def _composite_at_integer(image: np.ndarray, rgba: np.ndarray, x: int, y: int) -
 def make_world(config: PanWorldConfig, world_seed: int | np.random.SeedSequence) -> World:
     """Generates a world deterministically from `world_seed`."""
     rng = np.random.default_rng(world_seed)
-    band = config.code_band_height
+    band, top = config.code_band_height, config.sprite_top
     s = config.sprite_size
     background = _background(config, rng)
     background[:band] = _code_band(config)
@@ -309,15 +317,15 @@ def make_world(config: PanWorldConfig, world_seed: int | np.random.SeedSequence)
     xy = []
     for i in range(config.num_static_sprites):
         x = int((i + rng.uniform(0.0, 1.0)) * spacing)
-        y = int(rng.integers(band, config.frame_height - s + 1))
+        y = int(rng.integers(top, config.frame_height - s + 1))
         _composite_at_integer(static_image, _random_sprite(config, rng), x, y)
         xy.append((x, y))
 
     m = config.num_moving_sprites
     rgba = np.stack([_random_sprite(config, rng) for _ in range(m)]) if m else np.zeros((0, s, s, 4))
-    free_rows = config.frame_height - s - band
+    free_rows = max(config.frame_height - s - top - 1, 0)  # - 1: sub-pixel sprites span s + 1 rows
     amp = rng.uniform(0.0, 0.5, size=m) * free_rows / 2
-    y_centre = band + free_rows / 2
+    y_centre = top + free_rows / 2
     speed = rng.uniform(0.25, max(config.max_sprite_speed, 0.25), size=m)
     return World(
         config=config,
@@ -387,16 +395,16 @@ def render_view(world: World, x: float, t: float = 0.0) -> np.ndarray:
         rgba = world.moving_rgba[k].copy()
         rgba[..., :3] *= rgba[..., 3:]  # premultiply so that interpolation does not bleed colour
         shifted = _shift_sprite(rgba, rel_x - ix, sy[k] - iy)  # [s + 1, s + 1, 4]
-        _blend_premultiplied(frame, shifted, ix, iy, config.code_band_height)
+        _blend_premultiplied(frame, shifted, ix, iy, config.sprite_top)
     return np.clip(frame, -1.0, 1.0).astype(np.float32)
 
 
-def _blend_premultiplied(frame: np.ndarray, rgba: np.ndarray, left: int, top: int, band: int) -> None:
+def _blend_premultiplied(frame: np.ndarray, rgba: np.ndarray, left: int, top: int, min_row: int) -> None:
     """Blends premultiplied `rgba` [k, k, 4] with its (0, 0) pixel at view (row `top`, column
-    `left`) into `frame` [H, W, 3] in place, clipped to the frame and kept below row `band`."""
+    `left`) into `frame` [H, W, 3] in place, clipped to the frame and to rows >= `min_row`."""
     h, w, _ = frame.shape
     k = rgba.shape[0]
-    r0, c0 = max(top, band), max(left, 0)
+    r0, c0 = max(top, min_row), max(left, 0)
     r1, c1 = min(top + k, h), min(left + k, w)
     if r0 >= r1 or c0 >= c1:
         return

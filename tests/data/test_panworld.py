@@ -126,8 +126,8 @@ def test_render_view_is_periodic_in_the_world_width():
         )
 
 
-def test_code_band_is_never_covered_by_sprites():
-    band = CONFIG.code_band_height
+def test_code_band_and_its_margin_are_never_covered_by_sprites():
+    band = CONFIG.sprite_top
     clip = pw.make_clip(CONFIG, 9, num_frames=200)
     world = clip["world"]
     band_only = dataclasses.replace(world, static_image=world.background, moving_rgba=world.moving_rgba * 0)
