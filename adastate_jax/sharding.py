@@ -136,7 +136,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
     specs = nnx.get_partition_spec(state)
 
     def to_sharding(x):
-        spec = x[...] if isinstance(x, nnx.Variable) else x
+        spec = x.get_value() if isinstance(x, nnx.Variable) else x
         if not isinstance(spec, PartitionSpec):
             spec = PartitionSpec()
         return NamedSharding(mesh, logical_to_mesh_spec(tuple(spec), rules))

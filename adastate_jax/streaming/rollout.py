@@ -124,7 +124,7 @@ class Streamer:
             prompt_id=jnp.int32(prompt_id),
             num_frames=jnp.int32(0),
             chunk=jnp.int32(0),
-            key=jnp.asarray(key, jnp.uint32),
+            key=jnp.array(key, jnp.uint32, copy=True),  # the carry is donated: never alias the input
             decoder=None if self.decoder is None else self.decoder.init_cache(decoder_params, b, h, w),
         )
         if sc.anchor == "adastate" and sc.first_chunk == "noise":
@@ -143,7 +143,7 @@ class Streamer:
         sc, mc = self.stream_cfg, self.model_cfg
         b = carry.latents.shape[0]
         fs = sc.query_state_frames
-        key = jax.random.fold_in(jax.random.wrap_key_data(carry.key), -1)
+        key = jax.random.fold_in(jax.random.wrap_key_data(carry.key), 0x7FFFFFFF)
         z = jax.random.normal(key, (b, fs, sc.latent_h, sc.latent_w, mc.in_channels))
         t = jnp.full((b * self.branches, fs), float(self.sampler_cfg.num_train_timesteps))
         out = self._model(params)(self._dup(z), t, carry.text, jnp.arange(fs))
