@@ -1,0 +1,178 @@
+r"""Convert PyTorch weights (Wan2.1 original / diffusers / Self-Forcing / LongLive) to our params.
+
+Writes a params checkpoint (`adastate_jax.models.checkpoint_io`): DIR/params (orbax) and
+DIR/config.json, atomically (temp dir + rename); an existing --out is replaced only with --overwrite.
+
+  python launch/convert.py --config=configs/wan_1_3b.py \
+      --source=checkpoints/self_forcing_dmd.pt --use_ema --out=workdirs/sf_1_3b
+
+  python launch/convert.py --config=configs/wan_1_3b.py \
+      --source=Wan2.1-T2V-1.3B-Diffusers/transformer --out=workdirs/wan_1_3b
+
+`config.model` must describe the checkpoint's shapes (dims, layers, text_dim, ...); every missing,
+unexpected or mis-shaped key is reported together and nothing is written.
+
+Owns: the command line and the registry of convertible models. Must not know any model's tables
+(they live beside each model) nor the checkpoint format (checkpoint_io).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from absl import app, flags
+from ml_collections import config_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as a script from anywhere without an install
+    sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+
+from adastate_jax import config as config_lib  # noqa: E402
+from adastate_jax import sharding as shd  # noqa: E402
+from adastate_jax.models import checkpoint_io, wan  # noqa: E402
+from adastate_jax.models.convert import ConversionError, convert_to_state, open_torch_checkpoint  # noqa: E402
+
+
+class ConvertTarget(NamedTuple):
+    """How to convert one kind of model.
+
+    rules_fn:     layout name -> conversion rules (the model module's declarative table).
+    abstract_fn:  experiment config -> (graphdef, abstract params state) of the target model.
+    ignore:       regexes of torch keys that carry nothing for us (buffers, unused parts).
+    detect_fn:    torch keys -> layout name, for --layout=auto (None: --layout must be given).
+    """
+
+    rules_fn: Callable[[str], Sequence]
+    abstract_fn: Callable
+    ignore: Sequence[str] = ()
+    detect_fn: Callable | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Registry. To make another model convertible (the VAE, UMT5, ...), add one entry here built from
+# that model's own module, e.g.
+#   "vae": ConvertTarget(vae.conversion_rules, lambda c: vae.abstract_model(vae_config(c)),
+#                        vae.IGNORED_KEYS, vae.detect_layout),
+# and add its layout names to --layout if they differ from original/diffusers. Nothing else here
+# needs to change: the CLI, the error handling and the checkpoint format are shared.
+# --------------------------------------------------------------------------------------------
+MODELS: dict[str, ConvertTarget] = {
+    "dit": ConvertTarget(
+        rules_fn=wan.conversion_rules,
+        abstract_fn=lambda cfg: wan.abstract_model(config_lib.model_config(cfg)),
+        ignore=wan.IGNORED_KEYS,
+        detect_fn=wan.detect_layout,
+    ),
+}
+
+_DEFAULT_CONFIG = os.path.join(REPO, "configs", "tiny.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Experiment config; config.model gives the target shapes.", lock_config=True
+)
+flags.DEFINE_string("source", None, "PyTorch weights: a file (.safetensors/.pt/.pth/.bin) or a directory.")
+flags.DEFINE_enum("layout", "auto", ["auto", "original", "diffusers"], "Key layout of --source.")
+flags.DEFINE_enum("model", "dit", sorted(MODELS), "Which model the weights belong to.")
+flags.DEFINE_bool("use_ema", False, "Self-Forcing/LongLive training checkpoints: take generator_ema.")
+flags.DEFINE_float("lora_alpha", None, "LoRA alpha (scale = alpha / rank); default: alpha = rank.")
+flags.DEFINE_float("lora_scale", None, "LoRA scale, overriding --lora_alpha.")
+flags.DEFINE_string("out", None, "Output directory (params checkpoint + config.json).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+flags.DEFINE_enum(
+    "place",
+    "cpu",
+    ["cpu", "mesh"],
+    "Where converted leaves live before saving: 'cpu' (host memory), or 'mesh' (sharded over "
+    "config.mesh with config.sharding_rules; for models larger than host memory).",
+)
+flags.mark_flags_as_required(["source", "out"])
+
+
+def convert(
+    cfg,
+    source: str,
+    out: str,
+    *,
+    model="dit",
+    layout="auto",
+    use_ema=False,
+    lora_alpha=None,
+    lora_scale=None,
+    place="cpu",
+    overwrite=False,
+    log=print,
+) -> dict:
+    """The whole conversion; returns the info written to DIR/info.json. Raises on any problem
+    before anything is written at `out`."""
+    start = time.time()
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+    target = MODELS[model]
+    mesh = shd.mesh_from_config(cfg.mesh) if place == "mesh" else None
+    config_lib.validate(cfg, mesh, check_mesh=mesh is not None)  # errors name config.<field>
+    rules_table = config_lib.sharding_rules(cfg)
+
+    src = open_torch_checkpoint(source, use_ema=use_ema, lora_scale=lora_scale, lora_alpha=lora_alpha)
+    if layout == "auto":
+        if target.detect_fn is None:
+            raise ValueError(f"--model={model} cannot detect its layout; pass --layout")
+        layout = target.detect_fn(src.keys())
+        log(f"layout: {layout} (detected)")
+    else:
+        log(f"layout: {layout}")
+    graphdef, abstract = target.abstract_fn(cfg)
+
+    if place == "cpu":
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        shardings = jax.tree.map(lambda _: shardings, abstract)
+    else:
+        shardings = shd.state_shardings(abstract, mesh, rules_table)
+    params = convert_to_state(src, target.rules_fn(layout), abstract, shardings, ignore=target.ignore)
+    count = wan.param_count(params)
+    log(f"params: {count:,} ({count / 1e9:.3f} B)")
+
+    info = dict(
+        source=os.path.abspath(source),
+        model=model,
+        layout=layout,
+        use_ema=use_ema,
+        lora_alpha=lora_alpha,
+        lora_scale=lora_scale,
+        param_count=count,
+        param_dtype=str(cfg.model.param_dtype),
+    )
+    checkpoint_io.save_params(out, params, config_lib.config_to_json(cfg), info=info, overwrite=overwrite)
+    log(f"wrote {out} in {time.time() - start:.1f} s")
+    return info
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    FLAGS = flags.FLAGS
+    try:
+        convert(
+            _CONFIG.value,
+            FLAGS.source,
+            FLAGS.out,
+            model=FLAGS.model,
+            layout=FLAGS.layout,
+            use_ema=FLAGS.use_ema,
+            lora_alpha=FLAGS.lora_alpha,
+            lora_scale=FLAGS.lora_scale,
+            place=FLAGS.place,
+            overwrite=FLAGS.overwrite,
+        )
+    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"convert.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
