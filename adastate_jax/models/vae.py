@@ -639,7 +639,7 @@ class WanVAE(nnx.Module):
         s = self.spatial_factor
         if height % s or width % s:
             raise ValueError(f"frame size {height}x{width} must be divisible by the spatial factor {s}")
-        convs = self.encoder.init_cache(batch, height, width)
+        convs = {"encoder": self.encoder.init_cache(batch, height, width)}
         return CodecCache(convs, jnp.zeros((), jnp.int32), batch, (height // s, width // s))
 
     def encode_chunk(self, cache: CodecCache, frames: jax.Array, *, normalize=True, return_logvar=False):
@@ -652,12 +652,12 @@ class WanVAE(nnx.Module):
                 f"got {frames.shape[1]} frames"
             )
         first = cache.num_chunks == 0
-        x, convs = self.encoder(frames.astype(jnp.dtype(self.config.dtype)), cache.convs, first)
+        x, convs = self.encoder(frames.astype(jnp.dtype(self.config.dtype)), cache.convs["encoder"], first)
         moments, _ = self.quant_conv(x)  # [B, Fz, h, w, 2z]
         mu, logvar = jnp.split(moments, 2, axis=-1)
         if normalize and (stats := self._stats()) is not None:
             mu = ((mu.astype(jnp.float32) - stats[0]) / stats[1]).astype(mu.dtype)
-        cache = cache.replace(convs=convs, num_chunks=cache.num_chunks + 1)
+        cache = cache.replace(convs={"encoder": convs}, num_chunks=cache.num_chunks + 1)
         return cache, ((mu, logvar) if return_logvar else mu)
 
     def encode(self, video: jax.Array, *, normalize=True, chunk_latents: int = 1, return_logvar=False):

@@ -186,6 +186,30 @@ def test_original_layout_converts_to_the_same_params():
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_full_size_wan21_tables_cover_every_key_with_the_right_shapes():
+    with torch.device("meta"):  # shapes only: no memory, no init
+        sd = diffusers.AutoencoderKLWan().state_dict()  # Wan2.1 defaults
+    _, abstract = _abstract(V.WanVAEConfig())
+    target = convert.flatten_target(abstract)
+    assert len(sd) == len(target) == 194
+    for layout, source in [("diffusers", sd), ("original", _diffusers_to_original(sd, 2))]:
+        plan = convert.plan_conversion(convert.DictSource(source), V.conversion_rules(layout), target)
+        assert len(plan) == len(target)
+
+
+def test_load_wan_vae_guesses_the_layout(tmp_path):
+    cfg_kw = PARITY_CONFIGS["three_stages_time_first"]
+    sd = _torch_vae(cfg_kw).state_dict()
+    cfg = V.WanVAEConfig.tiny(**cfg_kw)
+    original = _diffusers_to_original(sd, cfg_kw["num_res_blocks"])
+    torch.save(original, str(tmp_path / "Wan2.1_VAE.pth"))
+    safetensors_torch.save_file(sd, str(tmp_path / "vae.safetensors"))
+    a = nnx.state(V.load_wan_vae(str(tmp_path / "Wan2.1_VAE.pth"), cfg), nnx.Param)
+    b = nnx.state(V.load_wan_vae(str(tmp_path / "vae.safetensors"), cfg), nnx.Param)
+    for x, y in zip(jax.tree.leaves(nnx.to_pure_dict(a)), jax.tree.leaves(nnx.to_pure_dict(b))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 # --------------------------------------------------------------------------------------------
 # (6) conversion errors are reported together
 # --------------------------------------------------------------------------------------------
@@ -309,8 +333,8 @@ def test_frame_count_rule_one_plus_four_k(small_vae):
         assert out.shape == (1, 1 + 4 * (num_latents - 1), 16, 16, 3)
         assert SMALL.num_frames(num_latents) == out.shape[1]
         video = jax.ShapeDtypeStruct((1, out.shape[1], 16, 16, 3), jnp.float32)
-        mu = jax.eval_shape(lambda p, v: V.encode(graphdef, p, v), params, video)
-        assert mu.shape == (1, num_latents, 4, 4, 16)
+        mu, logvar = jax.eval_shape(lambda p, v: V.encode(graphdef, p, v, return_logvar=True), params, video)
+        assert mu.shape == logvar.shape == (1, num_latents, 4, 4, 16)
     # the first chunk of one latent decodes to 1 real frame (after 3 padding zeros), later ones to 4
     cache = V.init_decode_cache(SMALL, 1, 4, 4)
     z = jax.random.normal(jax.random.key(2), (1, 2, 4, 4, 16))
