@@ -223,3 +223,19 @@ def test_mesh_minus_one_fills_the_devices():
     cfg.mesh.data = -1
     with pytest.raises(ValueError, match=r"config\.mesh\.fsdp: at most one"):
         config_lib.mesh_sizes(cfg, device_count=8)
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_config_sections_are_what_the_streaming_code_reads(name):
+    """config.stream / config.sampler build the streaming dataclasses field for field, and the
+    policy names validated here are the ones the streaming code implements."""
+    anchors = pytest.importorskip("adastate_jax.streaming.anchors")
+    sampler = pytest.importorskip("adastate_jax.streaming.sampler")
+    assert config_lib.ANCHOR_POLICIES == anchors.POLICIES
+    assert config_lib.TIME_LAYOUTS == anchors.TIME_LAYOUTS
+    assert config_lib.FIRST_CHUNK_MODES == anchors.FIRST_CHUNK
+    cfg = load(name)
+    stream = anchors.StreamConfig.from_dict(cfg.stream.to_dict())
+    assert stream.anchor == cfg.stream.anchor
+    steps = sampler.SamplerConfig.from_dict(cfg.sampler.to_dict()).denoising_steps
+    assert steps == tuple(float(s) for s in cfg.sampler.denoising_steps)
