@@ -1012,22 +1012,37 @@ def conversion_rules(layout: str, config: WanVAEConfig | None = None) -> list[Ru
     return rules
 
 
-def load_wan_vae(
-    path: str,
-    config: WanVAEConfig | None = None,
-    layout: str | None = None,
-    rngs_seed: int = 0,
-) -> WanVAE:
+# Keys of VAE checkpoints that carry no parameters of ours (none known for Wan2.1's VAE).
+IGNORED_KEYS: tuple[str, ...] = ()
+
+
+def detect_layout(keys) -> str:
+    """'diffusers' (AutoencoderKLWan) or 'original' (Wan2.1_VAE.pth) from the torch key names."""
+    keys = set(keys)
+    if any(k.startswith(("decoder.up_blocks.", "encoder.down_blocks.", "quant_conv.")) for k in keys):
+        return "diffusers"
+    if any(k.startswith(("decoder.upsamples.", "encoder.downsamples.", "decoder.head.")) for k in keys):
+        return "original"
+    raise ValueError("cannot tell the VAE checkpoint layout (neither Wan2.1 'original' nor 'diffusers' keys)")
+
+
+def abstract_model(config: WanVAEConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, abstract params) of a WanVAE without allocating anything."""
+    config = config or WanVAEConfig()
+    return nnx.split(nnx.eval_shape(lambda: WanVAE(config, rngs=nnx.Rngs(0))))
+
+
+def load_wan_vae(path: str, config: WanVAEConfig | None = None, layout: str | None = None) -> WanVAE:
     """Build a WanVAE and fill it from a torch checkpoint (layout guessed from the keys if None)."""
     from adastate_jax.models import convert
 
     config = config or WanVAEConfig()
     source = convert.open_torch_checkpoint(path)
-    if layout is None:
-        layout = "diffusers" if any(k.startswith("decoder.up_blocks.") for k in source.keys()) else "original"
-    abstract = nnx.eval_shape(lambda: WanVAE(config, rngs=nnx.Rngs(rngs_seed)))
-    graphdef, abstract_state = nnx.split(abstract)
-    state = convert.convert_to_state(source, conversion_rules(layout, config), abstract_state)
+    layout = layout or detect_layout(source.keys())
+    graphdef, abstract_state = abstract_model(config)
+    state = convert.convert_to_state(
+        source, conversion_rules(layout, config), abstract_state, ignore=IGNORED_KEYS
+    )
     return nnx.merge(graphdef, state)
 
 
@@ -1052,11 +1067,14 @@ __all__ = [
     "WAN21_LATENTS_MEAN",
     "WAN21_LATENTS_STD",
     "WanVAE",
+    "IGNORED_KEYS",
     "WanVAEConfig",
+    "abstract_model",
     "conversion_rules",
     "decode",
     "decode_chunk",
     "describe_cache",
+    "detect_layout",
     "encode",
     "encode_chunk",
     "init_decode_cache",

@@ -67,7 +67,7 @@ def _torch_vae(cfg: dict, seed: int = 0):
 
 
 def _abstract(cfg: V.WanVAEConfig):
-    return nnx.split(nnx.eval_shape(lambda: V.WanVAE(cfg, rngs=nnx.Rngs(0))))
+    return V.abstract_model(cfg)
 
 
 def _to_jax(x):  # torch [B, C, T, H, W] -> [B, T, H, W, C]
@@ -193,6 +193,7 @@ def test_full_size_wan21_tables_cover_every_key_with_the_right_shapes():
     target = convert.flatten_target(abstract)
     assert len(sd) == len(target) == 194
     for layout, source in [("diffusers", sd), ("original", _diffusers_to_original(sd, 2))]:
+        assert V.detect_layout(source) == layout
         plan = convert.plan_conversion(convert.DictSource(source), V.conversion_rules(layout), target)
         assert len(plan) == len(target)
 
