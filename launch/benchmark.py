@@ -1,0 +1,244 @@
+r"""Benchmark streaming rollouts of every anchor policy: compile time, first chunk, per-chunk latency,
+frames per second and peak memory. Prints a table; `--json` writes the same numbers for machines.
+
+  python launch/benchmark.py --config=configs/tiny.py --num_chunks=256
+  python launch/benchmark.py --config=configs/tiny.py --config.stream.batch_size=4 \
+      --policies=window,adastate --json=outputs/benchmark.json
+
+For each policy, on the same params (`--checkpoint` or one random initialisation), the live
+streaming path is measured: the jitted one-chunk `Streamer.jit_step`, compiled ahead of time, then
+called chunk after chunk with the carry donated, waiting for each chunk's output (as
+`Streamer.stream` / launch/rollout.py do).
+
+Columns (and JSON keys)
+  compile_s         lowering + XLA compilation of the one-chunk step (`jit_step.lower(...).compile()`)
+  first_chunk_s     first call of the compiled step on a fresh carry (warm-up effects included, no compile)
+  mean_ms / median_ms / p90_ms   per-chunk latency over chunks 1..N-1 (chunk 0 is first_chunk_s)
+  slope_us_per_chunk             least-squares slope of latency against chunk index over chunks 1..N-1;
+                                 `growth_pct` = slope * (N - 2) / median: how much later chunks cost
+                                 more than early ones (a policy whose cost grew with the history would
+                                 show it here; a fixed-shape carry should give ~0 up to noise)
+  late_early        median latency of the last quarter of chunks 1..N-1 over that of the first quarter
+                    (a robust version of the same question: ~1 when the cost does not grow)
+  fps               video frames per second at the median latency (decoded frames per chunk /
+                    median; latent frames when no decoder is configured); batch elements not counted
+  peak_mem_mb       peak memory: the device's `peak_bytes_in_use` where `memory_stats()` exists
+                    (GPU/TPU; a running peak over the whole process, not reset between policies);
+                    on CPU the process's peak resident set size (`resource.getrusage` ru_maxrss,
+                    also a running peak) -- `memory_source` says which
+  temp_mb           XLA's temporary buffer size of the compiled step (`compiled.memory_analysis()`),
+                    per policy, where the backend reports it
+Policies are measured one after another in one process, so their ratios are comparable; the
+absolute numbers depend on the machine and its load. Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from adastate_jax import config as config_lib  # noqa: E402
+from adastate_jax.models import wan  # noqa: E402
+from adastate_jax.streaming import anchors  # noqa: E402
+from adastate_jax.streaming.anchors import StreamConfig  # noqa: E402
+from adastate_jax.streaming.decoders import decoder_from_config  # noqa: E402
+from adastate_jax.streaming.rollout import Streamer  # noqa: E402
+from adastate_jax.streaming.sampler import SamplerConfig  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config (ml_collections).")
+flags.DEFINE_string("policies", ",".join(anchors.POLICIES), "Comma-separated anchor policies to measure.")
+flags.DEFINE_integer("num_chunks", 128, "Chunks per measured rollout (>= 3).")
+flags.DEFINE_string("checkpoint", "", "DiT params directory (launch/convert.py --out); empty: random init.")
+flags.DEFINE_string("vae_checkpoint", "", "Wan VAE weights when config.vae.kind='wan'.")
+flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+FLAGS = flags.FLAGS
+
+COLUMNS = (
+    "policy",
+    "compile_s",
+    "first_chunk_s",
+    "mean_ms",
+    "median_ms",
+    "p90_ms",
+    "slope_us_per_chunk",
+    "growth_pct",
+    "late_early",
+    "fps",
+    "peak_mem_mb",
+    "temp_mb",
+)
+
+
+def peak_memory_mb() -> tuple[float, str]:
+    """(peak MB, source): the device's peak_bytes_in_use when reported, else the process's peak RSS."""
+    stats = None
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats raise or return None
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20, f"{jax.devices()[0].platform} peak_bytes_in_use"
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return rss_kb / 1024, "process peak RSS (resource.ru_maxrss)"
+
+
+def latency_stats(latencies_s: np.ndarray) -> dict:
+    """Per-chunk latency statistics of chunks 1..N-1 (chunk 0 is the first chunk)."""
+    steady = np.asarray(latencies_s[1:], np.float64)
+    idx = np.arange(1, len(latencies_s))
+    slope = float(np.polyfit(idx, steady, 1)[0]) if steady.size >= 2 else float("nan")
+    median = float(np.median(steady))
+    quarter = max(1, steady.size // 4)
+    return dict(
+        mean_ms=1e3 * float(steady.mean()),
+        median_ms=1e3 * median,
+        p90_ms=1e3 * float(np.percentile(steady, 90)),
+        slope_us_per_chunk=1e6 * slope,
+        growth_pct=100.0 * slope * max(steady.size - 1, 1) / median,
+        late_early=float(np.median(steady[-quarter:]) / np.median(steady[:quarter])),
+    )
+
+
+def benchmark_policy(cfg, policy, params, graphdef, model_cfg, sampler_cfg, decoder, decoder_params, table):
+    stream_cfg = StreamConfig.from_dict({**cfg.stream.to_dict(), "anchor": policy})
+    streamer = Streamer(graphdef, model_cfg, stream_cfg, sampler_cfg, decoder)
+    pid = jnp.int32(0)
+
+    carry = streamer.init_carry(params, table, jax.random.key(cfg.seed), decoder_params=decoder_params)
+    t0 = time.perf_counter()
+    compiled = streamer.jit_step.lower(params, carry, pid, table, None, decoder_params).compile()
+    compile_s = time.perf_counter() - t0
+    temp_mb = float("nan")
+    try:
+        analysis = compiled.memory_analysis()
+        if analysis is not None:
+            temp_mb = analysis.temp_size_in_bytes / 2**20
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        pass
+
+    latencies, frames_per_chunk = [], 0
+    for _ in tqdm(range(FLAGS.num_chunks), desc=f"{policy:>8}", unit="chunk", leave=False):
+        t = time.perf_counter()
+        carry, out = compiled(params, carry, pid, table, None, decoder_params)
+        video = out.latents if out.frames is None else out.frames  # [B, T, ...]
+        jax.block_until_ready(video)
+        latencies.append(time.perf_counter() - t)
+        frames_per_chunk = video.shape[1]
+    stats = latency_stats(np.asarray(latencies))
+    peak, source = peak_memory_mb()
+    return dict(
+        policy=policy,
+        layout=anchors.describe_layout(stream_cfg),
+        compile_s=compile_s,
+        first_chunk_s=latencies[0],
+        **stats,
+        fps=frames_per_chunk / (stats["median_ms"] / 1e3),
+        frames_per_chunk=frames_per_chunk,
+        peak_mem_mb=peak,
+        memory_source=source,
+        temp_mb=temp_mb,
+        chunk_latency_ms=[round(1e3 * x, 4) for x in latencies],
+    )
+
+
+def _json_safe(x):
+    """NaN/inf -> None (strict JSON), numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def format_table(rows: list[dict]) -> str:
+    widths = [max(len(c), 10) for c in COLUMNS]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths))]
+    for r in rows:
+        cells = []
+        for c, w in zip(COLUMNS, widths):
+            v = r[c]
+            cells.append((v if isinstance(v, str) else f"{v:.3g}").rjust(w))
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    cfg = _CONFIG.value
+    policies = [p.strip() for p in FLAGS.policies.split(",") if p.strip()]
+    bad = [p for p in policies if p not in anchors.POLICIES]
+    if bad or not policies:
+        raise app.UsageError(f"--policies={FLAGS.policies!r}: unknown {bad}; choose from {anchors.POLICIES}")
+    if FLAGS.num_chunks < 3:
+        raise app.UsageError(f"--num_chunks={FLAGS.num_chunks} must be >= 3 (first chunk + a latency slope)")
+    model_cfg = config_lib.validate(cfg, check_mesh=False)
+    sampler_cfg = SamplerConfig.from_dict(cfg.sampler.to_dict())
+    graphdef, abstract = wan.abstract_model(model_cfg)
+    if FLAGS.checkpoint:
+        from adastate_jax.models import checkpoint_io
+
+        params = checkpoint_io.load_params(FLAGS.checkpoint, abstract)
+    else:
+        print("note: no --checkpoint: random initialisation (timing does not depend on the weights)")
+        params = nnx.split(wan.create_model(model_cfg, seed=int(cfg.seed)))[1]
+    decoder, decoder_params = decoder_from_config(
+        cfg.vae, model_cfg.in_channels, FLAGS.vae_checkpoint, cfg.seed
+    )
+    batch = int(cfg.stream.batch_size)
+    # timing does not depend on the prompt values: a zero prompt table of the right shape
+    table = jnp.zeros((1, batch, model_cfg.text_len, model_cfg.text_dim), jnp.float32)
+
+    rows = []
+    for policy in policies:
+        rows.append(
+            benchmark_policy(
+                cfg, policy, params, graphdef, model_cfg, sampler_cfg, decoder, decoder_params, table
+            )
+        )
+        print(f"{policy}: median {rows[-1]['median_ms']:.3g} ms/chunk, compile {rows[-1]['compile_s']:.3g} s")
+
+    device = jax.devices()[0]
+    print(
+        f"\n{FLAGS.num_chunks} chunks per policy, batch {batch}, "
+        f"device {device.device_kind} ({device.platform}); memory: {rows[-1]['memory_source']}\n"
+    )
+    print(format_table(rows))
+    if FLAGS.json:
+        report = dict(
+            config=json.loads(config_lib.config_to_json(cfg)),
+            checkpoint=FLAGS.checkpoint or None,
+            num_chunks=FLAGS.num_chunks,
+            batch_size=batch,
+            device=str(device),
+            device_kind=device.device_kind,
+            columns=list(COLUMNS),
+            results=rows,
+        )
+        report = _json_safe(report)
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+        with open(FLAGS.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+        print(f"wrote {FLAGS.json}")
+
+
+if __name__ == "__main__":
+    app.run(main)
