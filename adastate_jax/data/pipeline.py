@@ -1,0 +1,245 @@
+"""Grain input pipelines for training: records -> latents (+ prompt ids or text embeddings) -> batches.
+
+Owns: the `config.data` section's meaning, the per-record encode transform (PanWorld frames through
+the fixed `PatchCodec`), the ArrayRecord latents source and its writer, and the pipeline
+  source -> per-host shard (jax.process_index() :: process_count) -> shuffle (re-shuffled every
+  epoch) -> repeat -> encode -> batch (local batch) -> iterator (optional worker processes)
+whose iterator state is JSON-checkpointable (`get_state` / `set_state`), so a resumed run reads
+exactly the batches an uninterrupted run would.
+
+Records given to the trainer (numpy):
+  latents     float32 [F, h, w, C]
+  prompt_ids  int32   [max_prompt_words]   (PanWorld; the trainer embeds them)  or
+  text        float32 [T, text_dim]        (ArrayRecord latents: pre-computed embeddings)
+  index       int64   []                   source index (for checking the data order)
+
+A bad record raises an error naming the file and index. Transforms live at module level (grain
+workers are spawned processes that pickle them).
+
+Must not know: models' internals, training, checkpoints (the caller saves `get_state()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import threading
+
+import grain
+import numpy as np
+
+from adastate_jax.data import panworld
+
+# --------------------------------------------------------------------------------------------
+# Encoding (PanWorld frames -> codec latents)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecSpec:
+    """The fixed PatchCodec of `config.vae` (kind 'patch'): p x p patches -> C channels."""
+
+    patch: int = 4
+    latent_channels: int = 48
+    projection: str = "none"
+
+
+class EncodePanWorld(grain.transforms.Map):
+    """PanWorld record -> {'latents', 'prompt_ids', 'index'} (video through the PatchCodec)."""
+
+    def __init__(self, codec: CodecSpec):
+        self.codec = codec
+        self._module = None
+
+    def _codec(self):
+        if self._module is None:
+            from adastate_jax.models.vae import PatchCodec
+
+            c = self.codec
+            self._module = PatchCodec(c.patch, c.latent_channels, c.projection)
+        return self._module
+
+    def __getstate__(self):
+        return {"codec": self.codec, "_module": None}
+
+    def map(self, record):
+        video = record["video"]  # [T, H, W, 3] in [-1, 1]
+        z = np.asarray(self._codec().encode(video[None]))[0]  # [T, H/p, W/p, C]
+        return {
+            "latents": z.astype(np.float32),
+            "prompt_ids": np.asarray(record["prompt_ids"], np.int32),
+            "index": np.int64(record["index"]),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# ArrayRecord latents (the real-data path): one record = one pre-encoded clip + text embeddings
+# --------------------------------------------------------------------------------------------
+
+
+def serialize_latent_record(latents: np.ndarray, text: np.ndarray, index: int) -> bytes:
+    """latents [F, h, w, C], text [T, D] -> bytes (an .npz without pickles)."""
+    buf = io.BytesIO()
+    np.savez(
+        buf, latents=np.asarray(latents, np.float32), text=np.asarray(text, np.float32), index=np.int64(index)
+    )
+    return buf.getvalue()
+
+
+def write_latents_arrayrecord(path: str, records) -> int:
+    """Write (latents [F, h, w, C], text [T, D]) pairs to an ArrayRecord file; returns the count.
+
+    The small writer tool of the real-data path: encode videos and prompts once (VAE, UMT5), write
+    them here, and train with `config.data.source='arrayrecord'`, `config.data.paths=(path, ...)`.
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    writer = ArrayRecordWriter(path, "group_size:1")
+    n = 0
+    try:
+        for latents, text in records:
+            writer.write(serialize_latent_record(latents, text, n))
+            n += 1
+    finally:
+        writer.close()
+    return n
+
+
+class LatentsArrayRecordSource:
+    """grain RandomAccessDataSource over ArrayRecord files of `serialize_latent_record` records.
+
+    Readers open lazily (per worker process, under a lock). A record that fails to decode raises a
+    ValueError naming the file and the record's index in it.
+    """
+
+    def __init__(self, paths):
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        self.paths = tuple(str(p) for p in paths)
+        if not self.paths:
+            raise ValueError("config.data.paths: no ArrayRecord files given")
+        sizes = []
+        for p in self.paths:
+            try:
+                r = ArrayRecordReader(p)
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"config.data.paths: cannot open ArrayRecord file {p}: {e}") from e
+            sizes.append(r.num_records())
+            r.close()
+        self._offsets = np.cumsum([0] + sizes)
+        self._readers = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_readers"] = None
+        d["_lock"] = None
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def _locate(self, index: int):
+        f = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        return f, index - int(self._offsets[f])
+
+    def __getitem__(self, index):
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} outside [0, {len(self)})")
+        f, local = self._locate(index)
+        with self._lock:
+            if self._readers is None:
+                self._readers = [None] * len(self.paths)
+            if self._readers[f] is None:
+                self._readers[f] = ArrayRecordReader(self.paths[f])
+            reader = self._readers[f]
+        try:
+            raw = reader.read([local])[0]
+            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                rec = {"latents": z["latents"], "text": z["text"], "index": np.int64(index)}
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"bad record {local} of {self.paths[f]} (global index {index}): {e}") from e
+        if rec["latents"].ndim != 4 or rec["text"].ndim != 2:
+            raise ValueError(
+                f"bad record {local} of {self.paths[f]}: latents {rec['latents'].shape} must be "
+                f"[F, h, w, C] and text {rec['text'].shape} [T, D]"
+            )
+        return rec
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def panworld_config(data_cfg) -> panworld.PanWorldConfig:
+    pw = dict(data_cfg.panworld)
+    try:
+        return panworld.PanWorldConfig(**pw)
+    except TypeError as e:
+        raise ValueError(f"config.data.panworld: {e}") from None
+
+
+def codec_spec(cfg) -> CodecSpec:
+    if cfg.vae.kind != "patch":
+        raise ValueError(
+            f"config.vae.kind={cfg.vae.kind!r}: the PanWorld pipeline encodes with the PatchCodec "
+            "('patch'); pre-encode other VAEs into ArrayRecord latents (config.data.source='arrayrecord')"
+        )
+    extra = dict(cfg.vae.config)
+    return CodecSpec(
+        patch=int(extra.get("patch", 2)),
+        latent_channels=int(cfg.model.in_channels),
+        projection=str(extra.get("projection", "hadamard")),
+    )
+
+
+def make_dataset(cfg, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """The per-host IterDataset of local batches for `cfg` (see the module docstring)."""
+    data = cfg.data
+    global_batch = int(cfg.train.batch_size)
+    if global_batch % process_count:
+        raise ValueError(
+            f"config.train.batch_size={global_batch} is not divisible by the {process_count} processes"
+        )
+    local_batch = global_batch // process_count
+    if data.source == "panworld":
+        source = panworld.PanWorldSource(panworld_config(data))
+        encode = EncodePanWorld(codec_spec(cfg))
+    elif data.source == "arrayrecord":
+        source = LatentsArrayRecordSource(data.paths)
+        encode = None
+    else:
+        raise ValueError(
+            f"config.data.source: unknown source {data.source!r}; choose 'panworld' or 'arrayrecord'"
+        )
+    ds = grain.MapDataset.source(source)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    if bool(data.shuffle):
+        ds = ds.shuffle(seed=int(data.seed))
+    ds = ds.repeat(None)
+    if encode is not None:
+        ds = ds.map(encode)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=int(data.get("read_threads", 1)), prefetch_buffer_size=int(data.get("prefetch", 2))
+        )
+    )
+    workers = int(data.worker_count)
+    if workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return it
+
+
+def make_iterator(cfg, *, process_index: int = 0, process_count: int = 1):
+    """A checkpointable iterator of local batches (`get_state()` -> dict, `set_state(dict)`)."""
+    return iter(make_dataset(cfg, process_index=process_index, process_count=process_count))
