@@ -32,26 +32,55 @@ if REPO not in sys.path:  # run as a script from anywhere without an install
     sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from adastate_jax import config as config_lib  # noqa: E402
 from adastate_jax import sharding as shd  # noqa: E402
-from adastate_jax.models import checkpoint_io, wan  # noqa: E402
+from adastate_jax.models import checkpoint_io, umt5, vae, wan  # noqa: E402
 from adastate_jax.models.convert import ConversionError, convert_to_state, open_torch_checkpoint  # noqa: E402
 
 
 class ConvertTarget(NamedTuple):
     """How to convert one kind of model.
 
-    rules_fn:     layout name -> conversion rules (the model module's declarative table).
+    rules_fn:     (layout name, experiment config) -> conversion rules (the model's declarative table).
     abstract_fn:  experiment config -> (graphdef, abstract params state) of the target model.
-    ignore:       regexes of torch keys that carry nothing for us (buffers, unused parts).
+    ignore:       regexes of torch keys that carry nothing for us (buffers, unused parts), or a
+                  function (torch keys, layout) -> such regexes.
     detect_fn:    torch keys -> layout name, for --layout=auto (None: --layout must be given).
     """
 
-    rules_fn: Callable[[str], Sequence]
+    rules_fn: Callable[[str, object], Sequence]
     abstract_fn: Callable
-    ignore: Sequence[str] = ()
+    ignore: Sequence[str] | Callable = ()
     detect_fn: Callable | None = None
+
+
+def _vae_config(cfg) -> vae.WanVAEConfig:
+    """`config.vae.config` fields (empty: Wan2.1's VAE) as a WanVAEConfig."""
+    extra = dict(cfg.vae.config) if "config" in cfg.vae else {}
+    try:
+        return vae.WanVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()})
+    except TypeError as e:
+        raise ValueError(f"config.vae.config: {e}") from None
+
+
+def _umt5_config(cfg) -> umt5.UMT5Config:
+    """`config.text.umt5` fields if present, else umt5-xxl (Wan's text encoder)."""
+    extra = dict(cfg.text.umt5) if "umt5" in cfg.text else {}
+    try:
+        return umt5.UMT5Config(**extra)
+    except TypeError as e:
+        raise ValueError(f"config.text.umt5: {e}") from None
+
+
+def _umt5_detect(keys) -> str:
+    keys = list(keys)
+    if any(k.startswith(("encoder.block.", "shared.")) for k in keys):
+        return "hf"
+    if any(k.startswith(("blocks.", "token_embedding")) for k in keys):
+        return "wan"
+    raise ValueError("cannot tell the UMT5 checkpoint layout (neither 'hf' nor 'wan' keys found)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,10 +93,22 @@ class ConvertTarget(NamedTuple):
 # --------------------------------------------------------------------------------------------
 MODELS: dict[str, ConvertTarget] = {
     "dit": ConvertTarget(
-        rules_fn=wan.conversion_rules,
+        rules_fn=lambda layout, cfg: wan.conversion_rules(layout),
         abstract_fn=lambda cfg: wan.abstract_model(config_lib.model_config(cfg)),
         ignore=wan.IGNORED_KEYS,
         detect_fn=wan.detect_layout,
+    ),
+    "vae": ConvertTarget(
+        rules_fn=lambda layout, cfg: vae.conversion_rules(layout, _vae_config(cfg)),
+        abstract_fn=lambda cfg: vae.abstract_model(_vae_config(cfg)),
+        ignore=vae.IGNORED_KEYS,
+        detect_fn=vae.detect_layout,
+    ),
+    "umt5": ConvertTarget(
+        rules_fn=lambda layout, cfg: umt5.conversion_rules(layout),
+        abstract_fn=lambda cfg: nnx.split(umt5.abstract_encoder(_umt5_config(cfg))),
+        ignore=umt5.conversion_ignore,
+        detect_fn=_umt5_detect,
     ),
 }
 
@@ -76,7 +117,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Experiment config; config.model gives the target shapes.", lock_config=True
 )
 flags.DEFINE_string("source", None, "PyTorch weights: a file (.safetensors/.pt/.pth/.bin) or a directory.")
-flags.DEFINE_enum("layout", "auto", ["auto", "original", "diffusers"], "Key layout of --source.")
+flags.DEFINE_enum(
+    "layout",
+    "auto",
+    ["auto", "original", "diffusers", "hf", "wan"],
+    "Key layout of --source: DiT/VAE original|diffusers, UMT5 hf|wan.",
+)
 flags.DEFINE_enum("model", "dit", sorted(MODELS), "Which model the weights belong to.")
 flags.DEFINE_bool("use_ema", False, "Self-Forcing/LongLive training checkpoints: take generator_ema.")
 flags.DEFINE_float("lora_alpha", None, "LoRA alpha (scale = alpha / rank); default: alpha = rank.")
@@ -133,7 +179,8 @@ def convert(
         shardings = jax.tree.map(lambda _: shardings, abstract)
     else:
         shardings = shd.state_shardings(abstract, mesh, rules_table)
-    params = convert_to_state(src, target.rules_fn(layout), abstract, shardings, ignore=target.ignore)
+    ignore = target.ignore(src.keys(), layout) if callable(target.ignore) else target.ignore
+    params = convert_to_state(src, target.rules_fn(layout, cfg), abstract, shardings, ignore=ignore)
     count = wan.param_count(params)
     log(f"params: {count:,} ({count / 1e9:.3f} B)")
 

@@ -21,7 +21,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -38,7 +38,10 @@ from adastate_jax.streaming.decoders import decoder_from_config  # noqa: E402
 from adastate_jax.streaming.rollout import Streamer, attention_shares, prompt_schedule  # noqa: E402
 from adastate_jax.streaming.sampler import SamplerConfig  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config (ml_collections).")
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_REPO, "configs", "tiny.py"), "Experiment config (ml_collections)."
+)
 flags.DEFINE_string("checkpoint", "", "Directory of converted/trained DiT params (launch/convert.py --out).")
 flags.DEFINE_enum("anchor", None, list(anchors.POLICIES), "Anchor policy (overrides config.stream.anchor).")
 flags.DEFINE_integer("num_chunks", 8, "Chunks to generate.")

@@ -419,8 +419,11 @@ def plan_conversion(
                     unexpected.append(f"{k} (layer {i} >= {n} layers)")
             want = tuple(spec.shape[1:])
         else:
-            if len(entries) > 1:
-                other.append(f"{path} is mapped from several torch keys: {[e[0] for e in entries]}")
+            shapes = {source.shape(e[0]) for e in entries}
+            if len(entries) > 1 and len(shapes) > 1:
+                other.append(
+                    f"{path} is mapped from several torch keys of different shapes: {[e[0] for e in entries]}"
+                )
             want = tuple(spec.shape)
         for key, plan in entries:
             try:
@@ -446,20 +449,47 @@ def plan_conversion(
 
 
 def _expected_keys(path: str, rules: Sequence[Rule], layer: int | None = None) -> str:
-    """A readable guess at the torch key a missing target wanted (from the rule that targets it)."""
+    """A readable guess at the torch key a missing target wanted, from the rule that targets it.
+
+    Group references (`\\1`) in a target are matched against the path and the captured values are
+    substituted into the source pattern's groups; stacked targets get the layer number.
+    """
     for r in rules:
-        tgt = r.target
-        if r.stack_group is not None and tgt == path:
-            return re.sub(r"\(\\d\+\)", str(layer) if layer is not None else "N", r.source).replace(
-                "\\.", "."
-            )
-        if "\\" not in tgt and tgt == path:
-            return r.source.replace("\\.", ".")
-        if "\\" in tgt:
-            pat = re.escape(tgt)
-            pat = re.sub(r"\\\\\d", r"(\\w+)", pat)
-            if re.fullmatch(pat, path):
-                return r.source.replace("\\.", ".")
+        refs = [int(g) for g in re.findall(r"\\(\d)", r.target)]
+        pattern = re.escape(r.target)
+        for g in refs:
+            pattern = pattern.replace(re.escape(f"\\{g}"), f"(?P<g{g}>[^/]+)", 1)
+        m = re.fullmatch(pattern, path)
+        if m is None:
+            continue
+        values = {g: m.group(f"g{g}") for g in refs}
+        if r.stack_group is not None:
+            values[r.stack_group] = str(layer) if layer is not None else "N"
+        out, depth, group, i = [], 0, 0, 0
+        src = r.source
+        while i < len(src):  # replace top-level capture groups by their values
+            ch = src[i]
+            if ch == "\\" and i + 1 < len(src):
+                if depth == 0:
+                    out.append(src[i + 1] if src[i + 1] == "." else src[i : i + 2])
+                i += 2
+                continue
+            if ch == "(" and not src.startswith("(?", i):
+                if depth == 0:
+                    group += 1
+                    start = len(out)
+                depth += 1
+            elif ch == ")" and depth:
+                depth -= 1
+                if depth == 0:
+                    del out[start:]
+                    out.append(values.get(group, "<" + str(group) + ">"))
+                i += 1
+                continue
+            if depth == 0:
+                out.append(ch)
+            i += 1
+        return "".join(out)
     return "(no rule)"
 
 
@@ -475,7 +505,16 @@ def iter_converted(
         entries = plan[path]
         if entries[0][1].index is None:
             key, p = entries[0]
-            yield path, np.asarray(p.rule.transform(source.load(key)), dtype=spec.dtype)
+            host = np.asarray(p.rule.transform(source.load(key)), dtype=spec.dtype)
+            for alias, pa in entries[1:]:  # tied weights saved under several names must agree
+                if not np.array_equal(
+                    np.asarray(pa.rule.transform(source.load(alias)), dtype=spec.dtype), host
+                ):
+                    raise ConversionError(
+                        source.describe(),
+                        other=[f"{key} and {alias} both map to {path} but hold different values"],
+                    )
+            yield path, host
         else:
             out = np.empty(spec.shape, dtype=spec.dtype)
             for key, p in entries:

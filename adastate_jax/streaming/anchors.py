@@ -199,13 +199,15 @@ def _ema_evicted_into_sink(sc: StreamConfig, carry: Carry, dest: jax.Array) -> C
         do = (slot >= a) & carry.valid[slot] & (evicted != EMPTY)
         sink = jnp.maximum(evicted, 0) % a
 
-        def mix(buf, ax):
-            sink_val = jnp.take(buf, sink, axis=ax)
-            blended = jnp.where(do, d * sink_val + (1 - d) * jnp.take(buf, slot, axis=ax), sink_val)
-            return buf.at[(slice(None),) * ax + (sink,)].set(blended.astype(buf.dtype))
-
-        k, v, lat = mix(k, 2), mix(v, 2), mix(lat, 1)
+        k, v, lat = (_ema_slot(buf, ax, sink, slot, do, d) for buf, ax in ((k, 2), (v, 2), (lat, 1)))
     return carry.replace(k=k, v=v, latents=lat)
+
+
+def _ema_slot(buf, axis, sink, slot, do, decay):
+    """buf[sink] <- decay * buf[sink] + (1 - decay) * buf[slot] along `axis`, where `do`."""
+    sink_val = jnp.take(buf, sink, axis=axis)
+    blended = jnp.where(do, decay * sink_val + (1 - decay) * jnp.take(buf, slot, axis=axis), sink_val)
+    return buf.at[(slice(None),) * axis + (sink,)].set(blended.astype(buf.dtype))
 
 
 def _refresh_sink(sc: StreamConfig, carry: Carry, kc, vc, lc, g) -> Carry:

@@ -307,7 +307,7 @@ class Streamer:
 
     @functools.cached_property
     def jit_rollout(self):
-        """Jitted `rollout` with the carry donated: (params, carry, prompt_ids, prompts, negative, decoder_params)."""
+        """Jitted `rollout`, carry donated: (params, carry, prompt_ids, prompts, negative, decoder_params)."""
         return jax.jit(self.rollout, donate_argnums=(1,))
 
     def stream(

@@ -162,8 +162,8 @@ def test_ema_sink_commit_matches_hand_computed_ema():
         latent_h=2,
         latent_w=2,
     )
-    from adastate_jax.streaming.cache import EMPTY, Carry
     from adastate_jax.models.wan import TextKV
+    from adastate_jax.streaming.cache import EMPTY, Carry
 
     s = sc.num_slots
     z = lambda *sh: jnp.zeros(sh)  # noqa: E731
