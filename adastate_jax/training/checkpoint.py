@@ -221,7 +221,12 @@ class TrainCheckpointer:
             raise CheckpointCorrupt(f"checkpoint {step_dir}: meta is incomplete")
         flat_target, _ = flatten_state(target_state)
         if target_shardings is not None:
-            flat_sh, _ = flatten_state(target_shardings)
+            sh_leaves = jax.tree.leaves(
+                target_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+            )
+            if len(sh_leaves) != len(flat_target):
+                raise ValueError(f"{len(sh_leaves)} shardings for a state of {len(flat_target)} leaves")
+            flat_sh = dict(zip(flat_target, sh_leaves))
         else:
             flat_sh = {k: getattr(v, "sharding", None) for k, v in flat_target.items()}
         missing = sorted(set(flat_target) - set(meta["names"]))
