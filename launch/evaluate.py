@@ -85,6 +85,8 @@ FLAGS = flags.FLAGS
 POLICIES = ("window", "full", "sink", "ema_sink", "adastate")
 REFERENCES = ("ground_truth", "frozen", "snap_back")
 PROGRESSION_YLIM = (-1.5, 2.5)  # plot range of the per-chunk progression (undecodable videos leave it)
+CODE_CONF_RELIABLE = 0.5  # below this mean code confidence, decoded positions are flagged (†) in the table
+POSITION_METRICS = ("progression", "return", "flicker", "psnr", "ssim")  # use the decoded camera position
 PSNR_CAP_DB = 60.0  # per-frame PSNR cap (an exact match would be +inf and break the mean)
 
 # name -> one-line definition (the README and results.md use these lines).
@@ -516,11 +518,15 @@ def markdown_table(rows, frames_of, resamples: int) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['horizon']}x ({frames_of(r['horizon'])} fr)", r["source"], str(r["videos"])]
-        lines.append("| " + " | ".join(cells + [_fmt(r[m]) for m in METRICS]) + " |")
+        unreadable = r["code_conf"]["mean"] < CODE_CONF_RELIABLE  # NaN compares False
+        flag = {m: unreadable and m in POSITION_METRICS and np.isfinite(r[m]["mean"]) for m in METRICS}
+        marked = [_fmt(r[m]) + (" †" if flag[m] else "") for m in METRICS]
+        lines.append("| " + " | ".join(cells + marked) + " |")
     notes = [
         "",
         f"Mean over videos (prompt x seed) [95% percentile bootstrap interval, {resamples} resamples of "
-        "the videos]; n/a: undefined for every video of the row.",
+        "the videos]; n/a: undefined for every video of the row. †: mean code confidence below "
+        f"{CODE_CONF_RELIABLE}: the decoded camera positions these metrics use are unreliable.",
         "",
     ] + [f"- **{m}**: {d}" for m, d in METRICS.items()]
     return "\n".join(lines + notes) + "\n"
@@ -534,7 +540,7 @@ def _json_safe(x):
     if isinstance(x, np.ndarray):
         return _json_safe(x.tolist())
     if isinstance(x, (float, np.floating)):
-        return float(x) if np.isfinite(x) else None
+        return float(f"{x:.6g}") if np.isfinite(x) else None  # 6 significant digits keep the file small
     if isinstance(x, np.integer):
         return int(x)
     return x
@@ -563,8 +569,10 @@ def plot_metrics_vs_time(path, curves, sources, horizon_chunks, title):
                 continue
             if j == 0 and np.nanmax(np.abs(mean)) > PROGRESSION_YLIM[1]:
                 clipped = True
-            style = "--" if s in REFERENCES else "-"
-            ax.plot(np.arange(mean.size), mean, style, label=s)
+            if s in REFERENCES:  # drawn on top: the yardsticks stay visible under noisy policies
+                ax.plot(np.arange(mean.size), mean, "--", lw=2, zorder=3, label=s)
+            else:
+                ax.plot(np.arange(mean.size), mean, "-", lw=0.9, alpha=0.8, label=s)
         ax.axvline(horizon_chunks - 0.5, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("chunk")
         ax.set_title(label)
@@ -750,7 +758,7 @@ def main(argv):
     )
     report = _json_safe(report)
     with open(os.path.join(FLAGS.out_dir, "results.json"), "w") as fh:
-        json.dump(report, fh, indent=1)
+        json.dump(report, fh, separators=(",", ":"))  # compact: results.md is the human-readable view
     print(table)
     print(
         f"wrote {FLAGS.out_dir}/results.md, results.json, {', '.join(os.path.basename(p) for p in plots)} "
