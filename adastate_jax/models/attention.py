@@ -182,7 +182,7 @@ def attention(
     implementation: str = "xla",
     return_key_mass: bool = False,
 ):
-    """Softmax attention. q [B, T, N, H], k/v [B, S, N, H], mask [B, 1, T, S] bool (True = attend).
+    """Softmax attention. q [B, T, N, H], k/v [B, S, N, H], mask [B, 1, T or 1, S] bool (True = attend).
 
     implementation: 'xla' / 'cudnn' go through `jax.nn.dot_product_attention`; 'reference' is an
     explicit einsum (used when the attention mass per key is requested).

@@ -267,7 +267,7 @@ class WanBlock(nnx.Module):
 
         x [B, T, D] (T = F*P own tokens); e [B, F, 6, D] fp32 modulation (time_projection output);
         text_k/v [B, Tt, N, H]; rope_q (cos, sin) [B, T, H/2]; rope_k (cos, sin) [B, S*P + T, H/2];
-        ctx_k/v [B, S, P, N, H] or None; mask [B, 1, T, S*P + T] bool or None.
+        ctx_k/v [B, S, P, N, H] or None; mask [B, 1, T or 1, S*P + T] bool or None.
         Returns x [B, T, D], new k/v [B, T, N, H] (un-roped), key mass [B, S*P + T] or None.
         """
         dt = jnp.dtype(cfg.dtype)
@@ -467,16 +467,24 @@ class WanDiT(nnx.Module):
         else:
             rope_k = rope_q
 
-        # frame-level mask [B, F, S + F] -> token mask
-        fm = jnp.ones((b, f, s + f), bool)
-        if frame_mask is not None:
+        # Masks. Streaming (no frame_mask): every query sees the same keys, so a key-only mask
+        # [B, 1, 1, K] suffices (no [T, K] mask is materialised). Training masks are frame-level
+        # [B, F, S + F], expanded to tokens [B, 1, T, K].
+        key_valid = None
+        if ctx is not None:
+            key_valid = jnp.concatenate(
+                [ctx.valid.astype(bool), jnp.ones((b, f), bool)], axis=1
+            )  # [B, S + F]
+        if frame_mask is None:
+            mask = None if key_valid is None else jnp.repeat(key_valid, p, axis=1)[:, None, None, :]
+        else:
             frame_mask = jnp.asarray(frame_mask, bool)
             if frame_mask.shape[-2:] != (f, s + f):
                 raise ValueError(f"frame_mask must be [.., {f}, {s + f}] (F, S + F), got {frame_mask.shape}")
-            fm = fm & jnp.broadcast_to(frame_mask, (b, f, s + f))
-        if ctx is not None:
-            fm = fm & jnp.concatenate([ctx.valid.astype(bool), jnp.ones((b, f), bool)], axis=1)[:, None, :]
-        mask = None if (frame_mask is None and ctx is None) else attn.expand_frame_mask(fm, p, p)
+            fm = jnp.broadcast_to(frame_mask, (b, f, s + f))
+            if key_valid is not None:
+                fm = fm & key_valid[:, None, :]
+            mask = attn.expand_frame_mask(fm, p, p)
 
         graphdef, block_state = nnx.split(self.blocks)
 
