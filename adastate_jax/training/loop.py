@@ -90,6 +90,7 @@ class Run:
     state_shardings: Any
     abstract_state: Any
     batch_sharding: Any
+    pretrained: dict  # name -> (abstract nnx.State, its shardings, path): built outside any mesh context
 
 
 def _validate_train(cfg, model_cfg, sizes, rules):
@@ -136,28 +137,29 @@ def setup(cfg, workdir: str, mesh=None) -> Run:
     _validate_train(cfg, model_cfg, sizes, rules)
     objective = objectives.build(cfg, model_cfg)
     rng = jax.random.key_data(jax.random.key(int(cfg.seed)))
-    loaded_abstract = {
-        name: wan.abstract_model(mcfg)[1] for name, (mcfg, _) in objective.pretrained().items()
-    }
+    pretrained = {}
+    for name, (mcfg, path) in objective.pretrained().items():
+        if not path:
+            raise ValueError(
+                f"pretrained params {name!r} have no path (config.train.init_from / teacher_path)"
+            )
+        abstract = wan.abstract_model(mcfg)[1]  # nnx.eval_shape: outside jax.set_mesh
+        pretrained[name] = (abstract, shd.state_shardings(abstract, mesh, rules), path)
+    loaded_abstract = {name: a for name, (a, _, _) in pretrained.items()}
     abstract_state = jax.eval_shape(objective.init_state, rng, loaded_abstract)
     shardings = state_lib.state_shardings(abstract_state, mesh, rules)
     batch_sharding = shd.named_sharding(mesh, ("batch",), rules)
-    return Run(cfg, workdir, model_cfg, mesh, rules, objective, shardings, abstract_state, batch_sharding)
+    return Run(
+        cfg, workdir, model_cfg, mesh, rules, objective, shardings, abstract_state, batch_sharding, pretrained
+    )
 
 
 def init_state(run: Run):
     """A fresh state, created already sharded (pretrained params read straight into their shardings)."""
     loaded = {}
-    for name, (mcfg, path) in run.objective.pretrained().items():
-        if not path:
-            continue
-        abstract = wan.abstract_model(mcfg)[1]
-        sh = shd.state_shardings(abstract, run.mesh, run.rules)
-        loaded[name] = checkpoint_io.load_params(path, abstract, sh)
+    for name, (abstract, shardings, path) in run.pretrained.items():
+        loaded[name] = checkpoint_io.load_params(path, abstract, shardings)
         say(f"loaded {name} from {path}")
-    missing = sorted(set(run.objective.pretrained()) - set(loaded))
-    if missing:
-        raise ValueError(f"pretrained params {missing} have no path")
     rng = jax.random.key_data(jax.random.key(int(run.cfg.seed)))
     init = jax.jit(run.objective.init_state, out_shardings=run.state_shardings)
     return init(rng, loaded)

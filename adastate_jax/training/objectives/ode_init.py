@@ -1,0 +1,145 @@
+"""ODE init: regress the causal student onto the teacher's few-step ODE trajectories.
+
+Owns: sampling the teacher's probability-flow ODE over a whole clip (Euler, `ode_substeps` steps
+between consecutive student timesteps, classifier-free guidance `teacher_guidance`) while recording
+the states at the student's (warped) denoising timesteps, and the regression loss of the student:
+for every chunk a random student step k, the student sees the recorded x_{t_k} of that chunk and
+the teacher's clean result for the earlier chunks as context (teacher forcing, with the streaming
+window/sink of `config.stream`), and predicts x0; loss = MSE to the teacher's x0.
+
+Trajectories are generated on the fly inside the train step (the teacher is frozen in the state):
+no storage, a fresh trajectory per clip; the data only supplies prompts (and the clip shape).
+
+Must not know: data pipelines, files, meshes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adastate_jax import config as config_lib
+from adastate_jax.streaming.anchors import StreamConfig
+from adastate_jax.streaming.sampler import SamplerConfig
+from adastate_jax.training.objectives import flow_matching as fm
+from adastate_jax.training.objectives.flow_matching import ClipLayout, SingleModelObjective
+
+
+def teacher_model_config(cfg, model_cfg):
+    """`config.teacher_model` (same fields as `config.model`) if present, else the student's."""
+    if "teacher_model" not in cfg:
+        return model_cfg
+    import ml_collections
+
+    return config_lib.model_config(ml_collections.ConfigDict({"model": cfg.teacher_model}))
+
+
+def streaming_layout(cfg) -> ClipLayout:
+    """Teacher forcing with the attention the streaming student will have (window + sink)."""
+    sc = StreamConfig.from_dict(cfg.stream.to_dict())
+    window = None if sc.anchor == "full" else sc.window_frames
+    sink = sc.sink_frames if sc.anchor in ("sink", "ema_sink") else 0
+    return ClipLayout("teacher_forcing", sc.chunk_frames, window, sink, float(cfg.sampler.context_noise))
+
+
+def guided_clip_velocity(graphdef, params, x, t, text, layout: ClipLayout, scale: float):
+    """Teacher velocity on a clip with classifier-free guidance (unconditional = zero text)."""
+    if scale == 1.0:
+        return fm.clip_forward(graphdef, params, x, t, text, layout)
+    both = fm.clip_forward(
+        graphdef,
+        params,
+        jnp.concatenate([x, x]),
+        jnp.concatenate([t, t]),
+        jnp.concatenate([text, jnp.zeros_like(text)]),
+        layout,
+    )
+    v_c, v_u = jnp.split(both, 2)
+    return v_u + scale * (v_c - v_u)
+
+
+def ode_grid(timesteps: np.ndarray, substeps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sigma grid from the first student timestep to 0 with `substeps` Euler steps per student
+    interval; returns (sigmas [G + 1], indices of the student timesteps in the grid [n])."""
+    sig = np.asarray(timesteps, np.float64) / 1000.0
+    ends = np.concatenate([sig, [0.0]])
+    grid = np.concatenate(
+        [np.linspace(ends[i], ends[i + 1], substeps, endpoint=False) for i in range(len(sig))] + [[0.0]]
+    )
+    return grid.astype(np.float32), np.arange(len(sig)) * substeps
+
+
+def teacher_trajectory(graphdef, params, text, key, shape, layout, timesteps, substeps, scale):
+    """(x at each student timestep [n, B, F, h, w, C], clean x0 [B, F, h, w, C]) from pure noise."""
+    grid, record = ode_grid(timesteps, substeps)
+    b, f = shape[:2]
+    x = jax.random.normal(key, shape, jnp.float32)
+
+    def euler(x, sig_pair):
+        s, s_next = sig_pair
+        t = jnp.full((b, f), s * 1000.0)
+        v = guided_clip_velocity(graphdef, params, x, t, text, layout, scale)
+        return x + (s_next - s) * v, x
+
+    x0, xs = jax.lax.scan(euler, x, (jnp.asarray(grid[:-1]), jnp.asarray(grid[1:])))
+    return xs[jnp.asarray(record)], x0
+
+
+class OdeInit(SingleModelObjective):
+    name = "ode_init"
+
+    def __init__(self, cfg, model_cfg):
+        super().__init__(cfg, model_cfg)
+        tc = cfg.train
+        self.teacher_cfg = teacher_model_config(cfg, model_cfg)
+        from adastate_jax.models import wan
+
+        self.teacher_graphdef = wan.abstract_model(self.teacher_cfg)[0]
+        self.teacher_layout = ClipLayout(str(tc.teacher_attention), int(cfg.stream.chunk_frames))
+        self.student_layout = streaming_layout(cfg)
+        self.timesteps = np.asarray(SamplerConfig.from_dict(cfg.sampler.to_dict()).timesteps, np.float32)
+        self.substeps = int(tc.ode_substeps)
+        self.guidance = float(tc.teacher_guidance)
+        if self.substeps < 1:
+            raise ValueError(f"config.train.ode_substeps must be >= 1, got {self.substeps}")
+
+    def pretrained(self):
+        path = str(self.train_cfg.get("teacher_path", ""))
+        if not path:
+            raise ValueError(
+                "config.train.teacher_path: ode_init needs the teacher's params (a WORKDIR/export)"
+            )
+        out = super().pretrained()
+        out["teacher"] = (self.teacher_cfg, path)
+        return out
+
+    def frozen_extra(self, loaded):
+        return {"teacher": loaded["teacher"]}
+
+    def loss(self, params, frozen, batch, key):
+        shape = batch["latents"].shape  # [B, F, h, w, C]; the data supplies prompts and shape
+        text = fm.batch_text(self.text_graphdef, frozen, batch)
+        k_traj, k_step = jax.random.split(key)
+        traj, x0 = teacher_trajectory(
+            self.teacher_graphdef,
+            frozen["teacher"],
+            text,
+            k_traj,
+            shape,
+            self.teacher_layout,
+            self.timesteps,
+            self.substeps,
+            self.guidance,
+        )
+        traj, x0 = jax.lax.stop_gradient(traj), jax.lax.stop_gradient(x0)  # [n, B, F, ...], [B, F, ...]
+        b, f = shape[:2]
+        chunk = self.student_layout.chunk_frames
+        n = traj.shape[0]
+        k = jnp.repeat(jax.random.randint(k_step, (b, f // chunk), 0, n), chunk, axis=1)  # [B, F]
+        x_t = jnp.take_along_axis(traj, k[None, :, :, None, None, None], axis=0)[0]  # [B, F, h, w, C]
+        t = jnp.asarray(self.timesteps)[k]  # [B, F]
+        v = fm.clip_forward(self.graphdef, params, x_t, t, text, self.student_layout, clean=x0)
+        x0_pred = x_t - (t / 1000.0)[:, :, None, None, None] * v
+        loss = jnp.mean(jnp.square(x0_pred - x0))
+        return loss, dict(teacher_x0_std=jnp.std(x0))
