@@ -30,10 +30,12 @@ from flax import nnx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from adastate_jax import config as config_lib  # noqa: E402
+from adastate_jax import sharding as shd  # noqa: E402
 from adastate_jax import video  # noqa: E402
 from adastate_jax.models import wan  # noqa: E402
 from adastate_jax.streaming import anchors  # noqa: E402
 from adastate_jax.streaming.anchors import StreamConfig  # noqa: E402
+from adastate_jax.streaming.cache import carry_shardings  # noqa: E402
 from adastate_jax.streaming.decoders import decoder_from_config  # noqa: E402
 from adastate_jax.streaming.rollout import Streamer, attention_shares, prompt_schedule  # noqa: E402
 from adastate_jax.streaming.sampler import SamplerConfig  # noqa: E402
@@ -119,7 +121,9 @@ def main(argv):
         with cfg.unlocked():
             cfg.stream.anchor = FLAGS.anchor
     seed = cfg.seed if FLAGS.seed is None else FLAGS.seed
-    model_cfg = config_lib.validate(cfg, check_mesh=False)
+    sharded = jax.device_count() > 1
+    mesh = shd.mesh_from_config(cfg.mesh) if sharded else None
+    model_cfg = config_lib.validate(cfg, mesh, check_mesh=sharded)  # errors name config.<field>
     stream_cfg = StreamConfig.from_dict(cfg.stream.to_dict())
     sampler_cfg = SamplerConfig.from_dict(cfg.sampler.to_dict())
     if FLAGS.num_chunks <= 0:
@@ -130,7 +134,8 @@ def main(argv):
         from adastate_jax.models import checkpoint_io
 
         path = FLAGS.checkpoint or cfg.checkpoint.path
-        params = checkpoint_io.load_params(path, abstract)
+        shardings = shd.state_shardings(abstract, mesh, config_lib.sharding_rules(cfg)) if sharded else None
+        params = checkpoint_io.load_params(path, abstract, shardings)
         print(f"loaded DiT params from {path}")
     else:
         print(
@@ -141,7 +146,8 @@ def main(argv):
 
     decoder, decoder_params = decoder_from_config(cfg.vae, model_cfg.in_channels, FLAGS.vae_checkpoint, seed)
     prompts = list(FLAGS.prompt)
-    table = jnp.asarray(_text_table(cfg, prompts, model_cfg, stream_cfg.batch_size, seed))
+    # the word encoder is seeded by config.seed (as in training), not by the rollout seed
+    table = jnp.asarray(_text_table(cfg, prompts, model_cfg, stream_cfg.batch_size, cfg.seed))
     schedule = _parse_schedule(FLAGS.prompt_schedule, FLAGS.num_chunks, len(prompts))
 
     streamer = Streamer(
@@ -150,6 +156,12 @@ def main(argv):
     carry = streamer.init_carry(
         params, table, jax.random.key(seed), prompt_id=int(schedule[0]), decoder_params=decoder_params
     )
+    if sharded:  # batch over data/fsdp, heads over tensor; the same step runs on one device
+        rules = config_lib.sharding_rules(cfg)
+        params = jax.device_put(params, shd.state_shardings(abstract, mesh, rules))
+        carry = jax.device_put(carry, carry_shardings(carry, mesh, rules))
+        table = jax.device_put(table, shd.named_sharding(mesh, (None, "batch", None, None), rules))
+        print(f"mesh: {dict(mesh.shape)}")
 
     latents, frames, states, shares, latencies = [], [], [], [], []
     t_start = time.perf_counter()
