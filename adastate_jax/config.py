@@ -313,6 +313,28 @@ def validate(cfg, mesh=None, *, check_mesh: bool = True) -> wan.WanConfig:
 # --------------------------------------------------------------------------------------------
 
 
+def vae_config(cfg):
+    """`config.vae.config` fields (empty: Wan2.1's VAE) as a `WanVAEConfig`."""
+    from adastate_jax.models import vae
+
+    extra = dict(cfg.vae.config) if "config" in cfg.vae else {}
+    try:
+        return vae.WanVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.vae.config: {e}") from None
+
+
+def umt5_config(cfg):
+    """`config.text.umt5` fields if present, else umt5-xxl (Wan's text encoder), as a `UMT5Config`."""
+    from adastate_jax.models import umt5
+
+    extra = dict(cfg.text.umt5) if "umt5" in cfg.text else {}
+    try:
+        return umt5.UMT5Config(**extra)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.text.umt5: {e}") from None
+
+
 def config_to_json(cfg) -> str:
     """A ConfigDict (or dict) as indented JSON (tuples become lists)."""
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)

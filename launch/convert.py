@@ -56,24 +56,6 @@ class ConvertTarget(NamedTuple):
     detect_fn: Callable | None = None
 
 
-def _vae_config(cfg) -> vae.WanVAEConfig:
-    """`config.vae.config` fields (empty: Wan2.1's VAE) as a WanVAEConfig."""
-    extra = dict(cfg.vae.config) if "config" in cfg.vae else {}
-    try:
-        return vae.WanVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()})
-    except TypeError as e:
-        raise ValueError(f"config.vae.config: {e}") from None
-
-
-def _umt5_config(cfg) -> umt5.UMT5Config:
-    """`config.text.umt5` fields if present, else umt5-xxl (Wan's text encoder)."""
-    extra = dict(cfg.text.umt5) if "umt5" in cfg.text else {}
-    try:
-        return umt5.UMT5Config(**extra)
-    except TypeError as e:
-        raise ValueError(f"config.text.umt5: {e}") from None
-
-
 def _umt5_detect(keys) -> str:
     keys = list(keys)
     if any(k.startswith(("encoder.block.", "shared.")) for k in keys):
@@ -99,14 +81,14 @@ MODELS: dict[str, ConvertTarget] = {
         detect_fn=wan.detect_layout,
     ),
     "vae": ConvertTarget(
-        rules_fn=lambda layout, cfg: vae.conversion_rules(layout, _vae_config(cfg)),
-        abstract_fn=lambda cfg: vae.abstract_model(_vae_config(cfg)),
+        rules_fn=lambda layout, cfg: vae.conversion_rules(layout, config_lib.vae_config(cfg)),
+        abstract_fn=lambda cfg: vae.abstract_model(config_lib.vae_config(cfg)),
         ignore=vae.IGNORED_KEYS,
         detect_fn=vae.detect_layout,
     ),
     "umt5": ConvertTarget(
         rules_fn=lambda layout, cfg: umt5.conversion_rules(layout),
-        abstract_fn=lambda cfg: nnx.split(umt5.abstract_encoder(_umt5_config(cfg))),
+        abstract_fn=lambda cfg: nnx.split(umt5.abstract_encoder(config_lib.umt5_config(cfg))),
         ignore=umt5.conversion_ignore,
         detect_fn=_umt5_detect,
     ),

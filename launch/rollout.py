@@ -93,8 +93,16 @@ def _text_table(cfg, prompts: list[str], model_cfg: wan.WanConfig, batch: int, s
         if not FLAGS.text_checkpoint or not cfg.text.tokenizer_path:
             raise ValueError("config.text.kind='umt5' needs --text_checkpoint and config.text.tokenizer_path")
         enc = text_lib.UMT5TextEncoder.from_checkpoint(
-            FLAGS.text_checkpoint, cfg.text.tokenizer_path, text_len=model_cfg.text_len
+            FLAGS.text_checkpoint,
+            cfg.text.tokenizer_path,
+            config=config_lib.umt5_config(cfg),
+            text_len=model_cfg.text_len,
         )
+        if enc.encoder.config.d_model != model_cfg.text_dim:
+            raise ValueError(
+                f"config.model.text_dim={model_cfg.text_dim} but the UMT5 encoder gives "
+                f"{enc.encoder.config.d_model} features (config.text.umt5.d_model)"
+            )
         if cfg.text.cache_dir:
             enc = text_lib.PromptCache(cfg.text.cache_dir, enc)
         emb = np.asarray(enc.encode(prompts))

@@ -56,3 +56,70 @@ def test_rollout_cli_bad_inputs_are_named(tmp_path):
     assert r.returncode != 0 and "config.stream.anchor" in r.stderr
     r = _run("--num_chunks=3", f"--out={tmp_path / 'c.mp4'}", "--prompt=pan upward")
     assert r.returncode != 0 and "upward" in r.stderr
+
+
+def test_rollout_cli_umt5_text_path_with_local_tokenizer(tmp_path):
+    """`config.text.kind='umt5'`: a converted UMT5 checkpoint and a local sentencepiece tokenizer turn
+    `--prompt` text into the embeddings the DiT reads (with the on-disk prompt cache)."""
+    import sentencepiece
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["a red car drives along the coast at sunset", "pan left over a city"] * 20))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "spiece"),
+        vocab_size=24,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    torch.manual_seed(0)
+    hf = transformers.UMT5EncoderModel(
+        transformers.UMT5Config(
+            vocab_size=64,
+            d_model=32,
+            d_kv=8,
+            d_ff=48,
+            num_heads=4,
+            num_layers=2,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+        )
+    ).eval()
+    save_file(
+        {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()},
+        str(tmp_path / "t5.safetensors"),
+    )
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "import importlib.util, ml_collections\n"
+        f"spec = importlib.util.spec_from_file_location('tiny', {os.path.join(REPO, 'configs', 'tiny.py')!r})\n"
+        "tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)\n"
+        "def get_config(arg=None):\n"
+        "    c = tiny.get_config(arg)\n"
+        "    c.text.kind = 'umt5'\n"
+        f"    c.text.tokenizer_path = {str(tmp_path / 'spiece.model')!r}\n"
+        f"    c.text.cache_dir = {str(tmp_path / 'cache')!r}\n"
+        "    c.text.umt5 = ml_collections.ConfigDict(dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4,"
+        " num_layers=2, relative_attention_num_buckets=8, relative_attention_max_distance=16))\n"
+        "    return c\n"
+    )
+    r = _run(
+        f"--config={cfg_file}",
+        f"--text_checkpoint={tmp_path / 't5.safetensors'}",
+        "--num_chunks=2",
+        "--prompt=a red car drives along the coast",
+        f"--out={tmp_path / 'v.mp4'}",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "v.mp4").exists()
+    assert any((tmp_path / "cache").iterdir())  # the encoded prompt was cached on disk
