@@ -76,11 +76,16 @@ def _scaled(train_cfg, lr: float) -> optax.Schedule:
     return lambda count: base(count) * ratio
 
 
-def ema_update(ema, params, decay: float):
-    """ema <- decay * ema + (1 - decay) * params (leaf-wise, in the EMA's dtype)."""
-    return jax.tree.map(
-        lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype), ema, params
-    )
+def ema_update(ema, params, decay: float, step=None):
+    """ema <- d * ema + (1 - d) * params (leaf-wise, in the EMA's dtype).
+
+    With `step` (the optimiser step just taken, from 0), d = min(decay, (1 + step) / (10 + step)):
+    the usual EMA warm-up, so that a short run's EMA is not dominated by the initial params (with
+    Wan's zero-initialised head, a lagging EMA scales every velocity down and leaves noise in the
+    samples).
+    """
+    d = decay if step is None else jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p.astype(e.dtype)).astype(e.dtype), ema, params)
 
 
 def state_shardings(abstract_state: TrainState, mesh, rules=shd.DEFAULT_RULES) -> TrainState:

@@ -238,7 +238,7 @@ class SelfForcingDMD(SingleModelObjective):
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
-            ema = state_lib.ema_update(ema, params, self.ema_decay)
+            ema = state_lib.ema_update(ema, params, self.ema_decay, state.step.astype(jnp.float32))
         new = state.replace(
             step=state.step + 1,
             params=params,

@@ -213,7 +213,7 @@ class SingleModelObjective:
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
-            ema = state_lib.ema_update(ema, params, self.ema_decay)
+            ema = state_lib.ema_update(ema, params, self.ema_decay, state.step.astype(jnp.float32))
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         metrics = dict(loss=loss, grad_norm=grad_norm, lr=self.schedule(state.step), finite=ok, **aux)
