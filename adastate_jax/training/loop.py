@@ -9,8 +9,9 @@ last good state, and exporting the final params to `WORKDIR/export/` (a params c
 `launch/rollout.py --checkpoint` streams from and that later stages load).
 
 TensorBoard: no TensorBoard writer package (tensorboard / tensorboardX / tf / clu) is installed in
-this environment, so metrics go to `WORKDIR/metrics.jsonl` (one JSON object per logged step); the
-writer is one small class (`MetricsWriter`) to swap for an event-file writer where one exists.
+this environment, so `EventFileWriter` writes the event files itself (TFRecord framing with masked
+CRC-32C, hand-encoded `Event{wall_time, step, summary{value{tag, simple_value}}}` protos) to
+`WORKDIR/tb/events.out.tfevents.*`; the same metrics also go to `WORKDIR/metrics.jsonl`.
 
 Must not know: the objectives' losses, model internals or the data source's records.
 """
@@ -55,12 +56,105 @@ def say(msg: str) -> None:
         print(msg, flush=True)
 
 
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    c = 0xFFFFFFFF
+    for b in data:
+        c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    c = crc32c(data)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(num: int, wire: int) -> bytes:
+    return _varint((num << 3) | wire)
+
+
+def _bytes_field(num: int, payload: bytes) -> bytes:
+    return _field(num, 2) + _varint(len(payload)) + payload
+
+
+def encode_scalar_event(step: int, wall_time: float, scalars: dict[str, float]) -> bytes:
+    """A tensorflow.Event proto with one simple_value per tag (hand-encoded)."""
+    import struct as pystruct
+
+    summary = b"".join(
+        _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5) + pystruct.pack("<f", float(v)))
+        for tag, v in scalars.items()
+    )
+    return (
+        _field(1, 1)
+        + pystruct.pack("<d", wall_time)
+        + _field(2, 0)
+        + _varint(int(step))
+        + _bytes_field(5, summary)
+    )
+
+
+def tfrecord(data: bytes) -> bytes:
+    import struct as pystruct
+
+    header = pystruct.pack("<Q", len(data))
+    return header + pystruct.pack("<I", _masked_crc(header)) + data + pystruct.pack("<I", _masked_crc(data))
+
+
+class EventFileWriter:
+    """TensorBoard scalars without TensorBoard: WORKDIR/tb/events.out.tfevents.<time>.<host>."""
+
+    def __init__(self, logdir: str):
+        import socket
+        import struct as pystruct
+
+        os.makedirs(logdir, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        self.path = os.path.join(logdir, name)
+        self._fh = open(self.path, "ab")
+        version = _field(1, 1) + pystruct.pack("<d", time.time()) + _bytes_field(3, b"brain.Event:2")
+        self._fh.write(tfrecord(version))
+        self._fh.flush()
+
+    def write(self, step: int, scalars: dict[str, float]):
+        self._fh.write(tfrecord(encode_scalar_event(step, time.time(), scalars)))
+        self._fh.flush()
+
+    def close(self):
+        self._fh.close()
+
+
 class MetricsWriter:
-    """Metrics as JSON lines in WORKDIR/metrics.jsonl (process 0 only)."""
+    """Metrics as JSON lines in WORKDIR/metrics.jsonl and TensorBoard event files in WORKDIR/tb
+    (process 0 only)."""
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._fh = open(self.path, "a") if _is_primary() else None
+        primary = _is_primary()
+        self._fh = open(self.path, "a") if primary else None
+        self._tb = EventFileWriter(os.path.join(workdir, "tb")) if primary else None
 
     def write(self, step: int, metrics: dict):
         if self._fh is None:
@@ -68,10 +162,12 @@ class MetricsWriter:
         row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
+        self._tb.write(step, {k: v for k, v in row.items() if k != "step"})
 
     def close(self):
         if self._fh is not None:
             self._fh.close()
+            self._tb.close()
 
 
 # --------------------------------------------------------------------------------------------
