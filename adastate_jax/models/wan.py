@@ -320,6 +320,18 @@ class WanBlock(nnx.Module):
         return x, k_new, v_new, mass
 
 
+def stack_axis_names(module: nnx.Module, name: str) -> nnx.Module:
+    """Prepend the logical axis `name` to every variable's axis names (after an `nnx.vmap` that
+    stacked the module). Done by hand rather than with vmap's `transform_metadata`, which in
+    flax 0.12 applies the logical names as mesh axes when created under a mesh context."""
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Variable):
+            names = node.get_metadata().get("out_sharding")
+            if names:
+                node.set_metadata(out_sharding=(name, *tuple(names)))
+    return module
+
+
 def _remat(fn, policy: str):
     if policy == "none":
         return fn
@@ -363,11 +375,11 @@ class WanDiT(nnx.Module):
         self.time_projection = Linear(d, 6 * d, ("embed", "mlp"), rngs=rngs, param_dtype=pd)
 
         @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(r):
             return WanBlock(cfg, rngs=r)
 
-        self.blocks = make_blocks(rngs)
+        self.blocks = stack_axis_names(make_blocks(rngs), "layers")
         out = cfg.patch_features // cfg.in_channels * cfg.out_channels
         self.head = Linear(d, out, ("embed", "patch"), rngs=rngs, param_dtype=pd, zero=cfg.zero_init_head)
         self.head_modulation = _param(
@@ -522,9 +534,20 @@ def create_model(cfg: WanConfig, seed: int = 0) -> WanDiT:
 
 
 def abstract_model(cfg: WanConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, abstract params) without allocating anything."""
-    model = nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0)))
-    return nnx.split(model)
+    """(graphdef, abstract params) without allocating anything.
+
+    Uses `jax.eval_shape` rather than `nnx.eval_shape`: under a mesh context the latter would
+    treat our logical axis names as mesh axes.
+    """
+    box = {}
+
+    def init():
+        graphdef, state = nnx.split(WanDiT(cfg, rngs=nnx.Rngs(0)))
+        box["graphdef"] = graphdef
+        return state
+
+    state = jax.eval_shape(init)
+    return box["graphdef"], state
 
 
 def create_sharded(cfg: WanConfig, mesh, rules=shd.DEFAULT_RULES, seed: int = 0):

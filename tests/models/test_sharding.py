@@ -150,3 +150,16 @@ def test_sharded_forward_equals_single_device_forward(setup):
     for got, want, name in zip(out, ref, ("velocity", "new keys", "new values")):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=name)
     assert float(jnp.std(ref[0])) > 0.1  # a non-trivial model (zero_init_head=False)
+
+
+def test_abstract_and_created_models_work_inside_a_mesh_context():
+    """Logical axis names must never be taken for mesh axes (jax.set_mesh is common in training)."""
+    from adastate_jax import sharding as shd_
+    from adastate_jax.models import wan as wan_
+
+    mesh = shd_.make_mesh(data=2, fsdp=2, tensor=2)
+    with jax.set_mesh(mesh):
+        _, abstract = wan_.abstract_model(wan_.WanConfig.tiny())
+        _, params, _ = wan_.create_sharded(wan_.WanConfig.tiny(), mesh)
+    assert abstract["blocks"]["self_attn"]["q"]["kernel"].shape == (2, 64, 64)
+    assert params["blocks"]["self_attn"]["q"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
