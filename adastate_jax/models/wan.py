@@ -27,6 +27,7 @@ from einops import rearrange
 from flax import nnx
 
 from adastate_jax import sharding as shd
+from adastate_jax.dataclass_config import dataclass_from_dict
 from adastate_jax.models import attention as attn
 from adastate_jax.models.convert import Rule, identity, linear_kernel
 
@@ -86,14 +87,7 @@ class WanConfig:
 
     @classmethod
     def from_dict(cls, d) -> WanConfig:
-        d = dict(d)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown model config fields {unknown}; known: {sorted(fields)}")
-        if "patch_size" in d:
-            d["patch_size"] = tuple(int(p) for p in d["patch_size"])
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "model", {"patch_size": int})
 
 
 def validate_config(c: WanConfig, prefix: str = "model") -> None:

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adastate_jax.dataclass_config import dataclass_from_dict
 from adastate_jax.streaming.cache import EMPTY, Carry, write_slots
 
 POLICIES = ("window", "full", "sink", "ema_sink", "adastate")
@@ -93,12 +94,7 @@ class StreamConfig:
 
     @classmethod
     def from_dict(cls, d) -> StreamConfig:
-        d = dict(d)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown config.stream fields {unknown}; known: {sorted(fields)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "stream", None)
 
     # --- layout ---------------------------------------------------------------------------
     @property

@@ -14,6 +14,8 @@ import dataclasses
 import jax
 import numpy as np
 
+from adastate_jax.dataclass_config import dataclass_from_dict
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
@@ -41,14 +43,7 @@ class SamplerConfig:
 
     @classmethod
     def from_dict(cls, d) -> SamplerConfig:
-        d = dict(d)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown config.sampler fields {unknown}; known: {sorted(fields)}")
-        if "denoising_steps" in d:
-            d["denoising_steps"] = tuple(float(x) for x in d["denoising_steps"])
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "sampler", {"denoising_steps": float})
 
     @property
     def timesteps(self) -> np.ndarray:
