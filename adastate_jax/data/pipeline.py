@@ -7,8 +7,13 @@ the fixed `PatchCodec`), the ArrayRecord latents source and its writer, and the 
 whose iterator state is JSON-checkpointable (`get_state` / `set_state`), so a resumed run reads
 exactly the batches an uninterrupted run would.
 
+`config.data.codec` (PanWorld only; absent = 'patch'): 'patch' encodes the clip through the
+PatchCodec into `latents` (the DiT objectives); 'none' passes the pixels through as `video` (the
+'vae' objective, which trains its own codec).
+
 Records given to the trainer (numpy):
-  latents     float32 [F, h, w, C]
+  latents     float32 [F, h, w, C]          (codec 'patch' / ArrayRecord)  or
+  video       float32 [T, H, W, 3] in [-1, 1] (PanWorld with codec 'none')
   prompt_ids  int32   [max_prompt_words]   (PanWorld; the trainer embeds them)  or
   text        float32 [T, text_dim]        (ArrayRecord latents: pre-computed embeddings)
   index       int64   []                   source index (for checking the data order)
@@ -67,6 +72,17 @@ class EncodePanWorld(grain.transforms.Map):
         z = np.asarray(self._codec().encode(video[None]))[0]  # [T, H/p, W/p, C]
         return {
             "latents": z.astype(np.float32),
+            "prompt_ids": np.asarray(record["prompt_ids"], np.int32),
+            "index": np.int64(record["index"]),
+        }
+
+
+class PanWorldVideo(grain.transforms.Map):
+    """PanWorld record -> {'video', 'prompt_ids', 'index'} (raw pixels, `config.data.codec='none'`)."""
+
+    def map(self, record):
+        return {
+            "video": np.asarray(record["video"], np.float32),  # [T, H, W, 3] in [-1, 1]
             "prompt_ids": np.asarray(record["prompt_ids"], np.int32),
             "index": np.int64(record["index"]),
         }
@@ -212,7 +228,13 @@ def make_dataset(cfg, *, process_index: int = 0, process_count: int = 1) -> grai
     local_batch = global_batch // process_count
     if data.source == "panworld":
         source = panworld.PanWorldSource(panworld_config(data))
-        encode = EncodePanWorld(codec_spec(cfg))
+        codec = str(data.get("codec", "patch"))
+        if codec == "patch":
+            encode = EncodePanWorld(codec_spec(cfg))
+        elif codec == "none":
+            encode = PanWorldVideo()
+        else:
+            raise ValueError(f"config.data.codec: unknown codec {codec!r}; choose 'patch' or 'none'")
     elif data.source == "arrayrecord":
         source = LatentsArrayRecordSource(data.paths)
         encode = None

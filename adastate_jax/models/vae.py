@@ -313,8 +313,10 @@ class ChannelRMSNorm(nnx.Module):
 
     def __call__(self, x):
         xf = x.astype(jnp.float32)
-        norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True))
-        y = xf / jnp.maximum(norm, _NORM_EPS) * self.scale * self.gamma[...].astype(jnp.float32)
+        # max(||x||, eps) written as sqrt(max(sum x^2, eps^2)): the same values, but a finite
+        # gradient at x = 0 (the causal padding frames), where d sqrt(s) / ds is infinite
+        norm = jnp.sqrt(jnp.maximum(jnp.sum(xf * xf, axis=-1, keepdims=True), _NORM_EPS**2))
+        y = xf / norm * self.scale * self.gamma[...].astype(jnp.float32)
         return y.astype(x.dtype)
 
 

@@ -419,7 +419,8 @@ def train(cfg, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict
                     )
                     order_fh.flush()
                 if step == nan_at:  # testing hook of the non-finite guard
-                    batch = dict(batch, latents=batch["latents"] * jnp.nan)
+                    key = "latents" if "latents" in batch else "video"  # 'vae' trains on pixels
+                    batch = dict(batch, **{key: batch[key] * jnp.nan})
                 state, metrics_dev = compiled(state, batch)
                 # the iterator state after this batch is what a checkpoint of `state` must hold
                 data_state = data_iter.get_state()
@@ -482,7 +483,8 @@ def _export(run: Run, state, config_json: str, workdir: str) -> str:
     from adastate_jax.training.objectives.flow_matching import export_params
 
     path = os.path.join(workdir, "export")
-    params = export_params(state)
+    # an objective may choose what to export (the 'vae' objective: its VAE); default: EMA or params
+    params = getattr(run.objective, "export_params", export_params)(state)
     checkpoint_io.save_params(
         path,
         params,

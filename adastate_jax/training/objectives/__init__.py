@@ -14,7 +14,7 @@ Must not know: files, meshes, data pipelines, the loop.
 
 from __future__ import annotations
 
-OBJECTIVES = ("flow_matching", "ode_init", "self_forcing_dmd")
+OBJECTIVES = ("flow_matching", "ode_init", "self_forcing_dmd", "vae")
 
 
 def build(cfg, model_cfg):
@@ -31,4 +31,8 @@ def build(cfg, model_cfg):
         from adastate_jax.training.objectives.dmd import SelfForcingDMD
 
         return SelfForcingDMD(cfg, model_cfg)
+    if name == "vae":  # trains the Wan VAE of config.vae.config on pixel clips (model_cfg unused)
+        from adastate_jax.training.objectives.vae import VAEObjective
+
+        return VAEObjective(cfg, model_cfg)
     raise ValueError(f"config.train.objective: unknown objective {name!r}; choose from {OBJECTIVES}")
