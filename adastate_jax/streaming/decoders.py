@@ -9,6 +9,7 @@ Must not know: optimisers, files.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from flax import nnx
@@ -50,11 +51,17 @@ def decoder_from_config(vae_cfg, latent_channels: int, vae_params_path: str = ""
         )
         return decoder_from_module(codec)
     if kind == "wan":
-        cfg = vae_lib.WanVAEConfig(**extra) if extra else vae_lib.WanVAEConfig()
+        cfg = vae_lib.WanVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()})
         if not vae_params_path:
             print("warning: config.vae.kind='wan' without --vae_checkpoint: randomly initialised VAE")
             model = vae_lib.WanVAE(cfg, rngs=nnx.Rngs(seed))
-        else:
+        elif os.path.isdir(os.path.join(vae_params_path, "params")):
+            # our own params checkpoint: `launch/convert.py --model=vae` or a `vae` training export
+            from adastate_jax.models import checkpoint_io
+
+            graphdef, abstract = vae_lib.abstract_model(cfg)
+            model = nnx.merge(graphdef, checkpoint_io.load_params(vae_params_path, abstract))
+        else:  # PyTorch weights (Wan2.1_VAE.pth, diffusers AutoencoderKLWan)
             model = vae_lib.load_wan_vae(vae_params_path, cfg)
         return decoder_from_module(model)
     raise ValueError(f"config.vae.kind: unknown kind {kind!r}; choose from ('none', 'patch', 'wan')")
