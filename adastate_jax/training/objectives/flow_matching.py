@@ -144,6 +144,21 @@ def guarded_update(old: TrainState, new: TrainState, ok: jax.Array) -> TrainStat
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
+def apply_gradients(objective, state: TrainState, loss, aux: dict, grads) -> tuple[TrainState, dict]:
+    """One optimiser + EMA update of `state.params` from `grads`, kept only if loss and grad norm
+    are finite (`objective` provides `tx`, `ema_decay` and `schedule`). Returns (state, metrics)."""
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = objective.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+        ema = state_lib.ema_update(ema, params, objective.ema_decay, state.step.astype(jnp.float32))
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    metrics = dict(loss=loss, grad_norm=grad_norm, lr=objective.schedule(state.step), finite=ok, **aux)
+    return guarded_update(state, new, ok), metrics
+
+
 def step_key(state: TrainState) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
@@ -208,16 +223,7 @@ class SingleModelObjective:
         (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(
             state.params, state.frozen, batch, key
         )
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if ema is not None:
-            ema = state_lib.ema_update(ema, params, self.ema_decay, state.step.astype(jnp.float32))
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        metrics = dict(loss=loss, grad_norm=grad_norm, lr=self.schedule(state.step), finite=ok, **aux)
-        return guarded_update(state, new, ok), metrics
+        return apply_gradients(self, state, loss, aux, grads)
 
     def frames_per_example(self, batch_shapes) -> int:
         return int(batch_shapes["latents"][1])

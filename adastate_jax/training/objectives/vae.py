@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from adastate_jax import config as config_lib
 from adastate_jax.models import vae as vae_lib
 from adastate_jax.training import state as state_lib
-from adastate_jax.training.objectives.flow_matching import guarded_update, step_key
+from adastate_jax.training.objectives.flow_matching import apply_gradients, step_key
 from adastate_jax.training.state import TrainState
 
 RECON_LOSSES = ("mse", "l1_mse")
@@ -146,16 +145,7 @@ class VAEObjective:
     def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         key = step_key(state)
         (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch, key)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if ema is not None:
-            ema = state_lib.ema_update(ema, params, self.ema_decay, state.step.astype(jnp.float32))
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        metrics = dict(loss=loss, grad_norm=grad_norm, lr=self.schedule(state.step), finite=ok, **aux)
-        return guarded_update(state, new, ok), metrics
+        return apply_gradients(self, state, loss, aux, grads)
 
     def frames_per_example(self, batch_shapes) -> int:
         return int(batch_shapes["video"][1])
