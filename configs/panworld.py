@@ -69,7 +69,7 @@ def get_config(arg=None):
     # --- data --------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict(
         dict(
-            source="panworld",  # panworld | arrayrecord
+            source="panworld",  # panworld | arrayrecord | video | ode_trajectories
             paths=(),  # arrayrecord files (data.pipeline.write_latents_arrayrecord)
             panworld=ml_collections.ConfigDict(
                 dict(frame_height=32, frame_width=32, num_frames=9, num_clips=100_000, seed=0)

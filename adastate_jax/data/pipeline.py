@@ -217,6 +217,9 @@ def codec_spec(cfg) -> CodecSpec:
     )
 
 
+SOURCES = ("panworld", "arrayrecord", "video", "ode_trajectories")
+
+
 def make_dataset(cfg, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """The per-host IterDataset of local batches for `cfg` (see the module docstring)."""
     data = cfg.data
@@ -238,10 +241,16 @@ def make_dataset(cfg, *, process_index: int = 0, process_count: int = 1) -> grai
     elif data.source == "arrayrecord":
         source = LatentsArrayRecordSource(data.paths)
         encode = None
+    elif data.source == "video":  # video files decoded, resized, optionally encoded
+        from adastate_jax.data import video_source
+
+        source, encode = video_source.make_source(cfg)
+    elif data.source == "ode_trajectories":  # stored teacher ODE trajectories (ode_init)
+        from adastate_jax.data import trajectories
+
+        source, encode = trajectories.make_source(cfg)
     else:
-        raise ValueError(
-            f"config.data.source: unknown source {data.source!r}; choose 'panworld' or 'arrayrecord'"
-        )
+        raise ValueError(f"config.data.source: unknown source {data.source!r}; choose from {SOURCES}")
     ds = grain.MapDataset.source(source)
     if process_count > 1:
         ds = ds[process_index::process_count]
