@@ -70,9 +70,26 @@ def get_config(arg=None):
     config.data = ml_collections.ConfigDict(
         dict(
             source="panworld",  # panworld | arrayrecord | video | ode_trajectories
-            paths=(),  # arrayrecord files (data.pipeline.write_latents_arrayrecord)
+            paths=(),  # arrayrecord files (data.pipeline.write_latents_arrayrecord) | video files
             panworld=ml_collections.ConfigDict(
                 dict(frame_height=32, frame_width=32, num_frames=9, num_clips=100_000, seed=0)
+            ),
+            # source 'video' (data/video_source.py): paths = video files / directories / globs
+            video=ml_collections.ConfigDict(
+                dict(
+                    num_frames=9,  # frames per clip
+                    height=32,  # centre crop to height:width, then resize
+                    width=32,
+                    frame_stride=1,  # source frames between two clip frames
+                    clip_stride=0,  # source frames between clip starts in one file (0: one clip per file)
+                    max_clips_per_file=0,  # 0: all
+                    captions="",  # '': <video>.txt sidecars | a .json / .jsonl file | 'none' (no text)
+                    missing_caption="error",  # error | empty (the empty prompt)
+                    short_files="error",  # error | skip (files shorter than one clip)
+                    frame_count="verify",  # verify | decode | metadata (how frame counts are found)
+                    seek=True,  # seek to a clip's first frame (checked) instead of decoding from 0
+                    probe_threads=4,  # threads opening files while the clip table is built
+                )
             ),
             shuffle=True,
             seed=0,

@@ -210,10 +210,11 @@ def _validate_train(cfg, model_cfg, sizes, rules):
         raise ValueError(
             f"config.train.batch_size={tc.batch_size} is not divisible by {jax.process_count()} processes"
         )
-    frames = int(cfg.data.panworld.num_frames) if cfg.data.source == "panworld" else None
+    src = cfg.data.source
+    frames = int(cfg.data[src].num_frames) if src in ("panworld", "video") and src in cfg.data else None
     if frames is not None and frames % int(cfg.stream.chunk_frames):
         raise ValueError(
-            f"config.data.panworld.num_frames={frames} is not a whole number of chunks "
+            f"config.data.{src}.num_frames={frames} is not a whole number of chunks "
             f"(config.stream.chunk_frames={cfg.stream.chunk_frames})"
         )
     # every parameter dim against the mesh (names config.model.<field> / config.sharding_rules)
