@@ -2,7 +2,9 @@
 
 `--config=configs/panworld.py:<stage>[,<anchor>][,<time layout>]`, stage one of
   teacher  flow matching (diffusion forcing: block-causal, a timestep per chunk), the teacher/base;
-  ode      ODE init: regress the causal student onto the teacher's few-step trajectories;
+  ode      ODE init: regress the causal student onto the teacher's few-step trajectories
+           (generated inside each step; `ode,stored`: read from the directory that
+           `launch/make_ode_trajectories.py` wrote, `data.paths`);
   dmd      self forcing + DMD: the student rolls out with its own cache (the streaming `step`).
 e.g. `configs/panworld.py:dmd,adastate`, `configs/panworld.py:teacher`.
 
@@ -41,7 +43,10 @@ def get_config(arg=None):
     if len(stages) > 1:
         raise ValueError(f"configs/panworld.py: give one stage of {STAGES}, got {stages}")
     stage = stages[0] if stages else "teacher"
-    rest = ",".join(t for t in tokens if t not in STAGES)
+    stored = "stored" in tokens  # ode: train on stored trajectories (launch/make_ode_trajectories.py)
+    if stored and stage != "ode":
+        raise ValueError("configs/panworld.py: 'stored' is a variant of the ode stage only")
+    rest = ",".join(t for t in tokens if t not in STAGES and t != "stored")
 
     model = common.model_section(
         dim=128,
@@ -150,6 +155,9 @@ def get_config(arg=None):
         config.train.lr = 5e-4
         config.train.init_from = "outputs/panworld_teacher/export"
         config.train.teacher_path = "outputs/panworld_teacher/export"
+        if stored:  # no teacher in the step: the trajectories were generated once (ode_init docstring)
+            config.data.source = "ode_trajectories"
+            config.data.paths = ("outputs/panworld_ode_trajectories",)
     elif stage == "dmd":
         config.train.objective = "self_forcing_dmd"
         config.train.steps = 100

@@ -121,11 +121,12 @@ def write_latents_arrayrecord(path: str, records) -> int:
     return n
 
 
-class LatentsArrayRecordSource:
-    """grain RandomAccessDataSource over ArrayRecord files of `serialize_latent_record` records.
+class ArrayRecordSource:
+    """grain RandomAccessDataSource over ArrayRecord files; a subclass decodes one record (`decode`).
 
     Readers open lazily (per worker process, under a lock). A record that fails to decode raises a
-    ValueError naming the file and the record's index in it.
+    ValueError naming the file and the record's index in it. Shared by `LatentsArrayRecordSource`
+    and the stored ODE trajectories (`data/trajectories.py`).
     """
 
     def __init__(self, paths):
@@ -138,10 +139,10 @@ class LatentsArrayRecordSource:
         for p in self.paths:
             try:
                 r = ArrayRecordReader(p)
+                sizes.append(r.num_records())
+                r.close()
             except Exception as e:  # noqa: BLE001
                 raise ValueError(f"config.data.paths: cannot open ArrayRecord file {p}: {e}") from e
-            sizes.append(r.num_records())
-            r.close()
         self._offsets = np.cumsum([0] + sizes)
         self._readers = None
         self._lock = threading.Lock()
@@ -163,6 +164,10 @@ class LatentsArrayRecordSource:
         f = int(np.searchsorted(self._offsets, index, side="right") - 1)
         return f, index - int(self._offsets[f])
 
+    def decode(self, raw: bytes, index: int) -> dict:
+        """bytes of one record -> the trainer's record (raise on anything malformed)."""
+        raise NotImplementedError
+
     def __getitem__(self, index):
         from array_record.python.array_record_module import ArrayRecordReader
 
@@ -177,15 +182,20 @@ class LatentsArrayRecordSource:
                 self._readers[f] = ArrayRecordReader(self.paths[f])
             reader = self._readers[f]
         try:
-            raw = reader.read([local])[0]
-            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-                rec = {"latents": z["latents"], "text": z["text"], "index": np.int64(index)}
+            return self.decode(reader.read([local])[0], index)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"bad record {local} of {self.paths[f]} (global index {index}): {e}") from e
+
+
+class LatentsArrayRecordSource(ArrayRecordSource):
+    """ArrayRecord files of `serialize_latent_record` records -> {'latents', 'text', 'index'}."""
+
+    def decode(self, raw: bytes, index: int) -> dict:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            rec = {"latents": z["latents"], "text": z["text"], "index": np.int64(index)}
         if rec["latents"].ndim != 4 or rec["text"].ndim != 2:
             raise ValueError(
-                f"bad record {local} of {self.paths[f]}: latents {rec['latents'].shape} must be "
-                f"[F, h, w, C] and text {rec['text'].shape} [T, D]"
+                f"latents {rec['latents'].shape} must be [F, h, w, C] and text {rec['text'].shape} [T, D]"
             )
         return rec
 
@@ -220,15 +230,10 @@ def codec_spec(cfg) -> CodecSpec:
 SOURCES = ("panworld", "arrayrecord", "video", "ode_trajectories")
 
 
-def make_dataset(cfg, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """The per-host IterDataset of local batches for `cfg` (see the module docstring)."""
+def source_and_encode(cfg):
+    """(random-access source of `config.data.source`, per-record encode transform or None): the
+    unshuffled records of `make_dataset` (record i of the source is clip i)."""
     data = cfg.data
-    global_batch = int(cfg.train.batch_size)
-    if global_batch % process_count:
-        raise ValueError(
-            f"config.train.batch_size={global_batch} is not divisible by the {process_count} processes"
-        )
-    local_batch = global_batch // process_count
     if data.source == "panworld":
         source = panworld.PanWorldSource(panworld_config(data))
         codec = str(data.get("codec", "patch"))
@@ -251,6 +256,19 @@ def make_dataset(cfg, *, process_index: int = 0, process_count: int = 1) -> grai
         source, encode = trajectories.make_source(cfg)
     else:
         raise ValueError(f"config.data.source: unknown source {data.source!r}; choose from {SOURCES}")
+    return source, encode
+
+
+def make_dataset(cfg, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """The per-host IterDataset of local batches for `cfg` (see the module docstring)."""
+    data = cfg.data
+    global_batch = int(cfg.train.batch_size)
+    if global_batch % process_count:
+        raise ValueError(
+            f"config.train.batch_size={global_batch} is not divisible by the {process_count} processes"
+        )
+    local_batch = global_batch // process_count
+    source, encode = source_and_encode(cfg)
     ds = grain.MapDataset.source(source)
     if process_count > 1:
         ds = ds[process_index::process_count]

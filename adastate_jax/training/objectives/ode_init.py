@@ -7,8 +7,17 @@ for every chunk a random student step k, the student sees the recorded x_{t_k} o
 the teacher's clean result for the earlier chunks as context (teacher forcing, with the streaming
 window/sink of `config.stream`), and predicts x0; loss = MSE to the teacher's x0.
 
-Trajectories are generated on the fly inside the train step (the teacher is frozen in the state):
-no storage, a fresh trajectory per clip; the data only supplies prompts (and the clip shape).
+Two sources of trajectories, one student loss (`OdeInit.student_loss`):
+  on the fly  (any prompt source) the trajectory is generated inside the train step (the teacher is
+              frozen in the state; 4 student steps x `ode_substeps` teacher passes per step), a fresh
+              one per clip; the data only supplies prompts (and the clip shape);
+  stored      (`config.data.source='ode_trajectories'`) `launch/make_ode_trajectories.py` generated
+              them once with `teacher_trajectory` from per-clip seeded noise (`clip_noise`); the batch
+              carries `trajectory` [B, n, F, h, w, C] and the teacher's x0 as `latents`, the state
+              holds no teacher and a step is one student forward + backward. `teacher_path`,
+              `ode_substeps`, `teacher_guidance` and `teacher_attention` are then unused: the
+              trajectories' `metadata.json` records what generated them (`data/trajectories.py`
+              checks the sampler timesteps, shapes and text format against the run).
 
 Must not know: data pipelines, files, meshes.
 """
@@ -70,11 +79,20 @@ def ode_grid(timesteps: np.ndarray, substeps: int) -> tuple[np.ndarray, np.ndarr
     return grid.astype(np.float32), np.arange(len(sig)) * substeps
 
 
-def teacher_trajectory(graphdef, params, text, key, shape, layout, timesteps, substeps, scale):
-    """(x at each student timestep [n, B, F, h, w, C], clean x0 [B, F, h, w, C]) from pure noise."""
+def clip_noise(noise_seed: int, indices: jax.Array, clip_shape) -> jax.Array:
+    """[B, F, h, w, C] starting noise of the stored trajectories: clip i's noise is
+    `normal(fold_in(key(noise_seed), i), clip_shape)`, independent of the batch it was made in."""
+    base = jax.random.key(int(noise_seed))
+    draw = lambda i: jax.random.normal(jax.random.fold_in(base, i), tuple(clip_shape), jnp.float32)  # noqa: E731
+    return jax.vmap(draw)(jnp.asarray(indices))
+
+
+def teacher_trajectory(graphdef, params, text, key, shape, layout, timesteps, substeps, scale, noise=None):
+    """(x at each student timestep [n, B, F, h, w, C], clean x0 [B, F, h, w, C]) from pure noise
+    (`noise` [B, F, h, w, C] if given, else drawn from `key`)."""
     grid, record = ode_grid(timesteps, substeps)
     b, f = shape[:2]
-    x = jax.random.normal(key, shape, jnp.float32)
+    x = jax.random.normal(key, shape, jnp.float32) if noise is None else noise.astype(jnp.float32)
 
     def euler(x, sig_pair):
         s, s_next = sig_pair
@@ -101,42 +119,63 @@ class OdeInit(SingleModelObjective):
         self.timesteps = np.asarray(SamplerConfig.from_dict(cfg.sampler.to_dict()).timesteps, np.float32)
         self.substeps = int(tc.ode_substeps)
         self.guidance = float(tc.teacher_guidance)
+        self.stored = str(cfg.data.source) == "ode_trajectories" if "data" in cfg else False
         if self.substeps < 1:
             raise ValueError(f"config.train.ode_substeps must be >= 1, got {self.substeps}")
 
     def pretrained(self):
+        out = super().pretrained()
+        if self.stored:  # the trajectories are on disk: no teacher in the state
+            return out
         path = str(self.train_cfg.get("teacher_path", ""))
         if not path:
             raise ValueError(
-                "config.train.teacher_path: ode_init needs the teacher's params (a WORKDIR/export)"
+                "config.train.teacher_path: ode_init needs the teacher's params (a WORKDIR/export), "
+                "or stored trajectories (config.data.source='ode_trajectories')"
             )
-        out = super().pretrained()
         out["teacher"] = (self.teacher_cfg, path)
         return out
 
     def frozen_extra(self, loaded):
-        return {"teacher": loaded["teacher"]}
+        return {} if self.stored else {"teacher": loaded["teacher"]}
 
     def loss(self, params, frozen, batch, key):
-        shape = batch["latents"].shape  # [B, F, h, w, C]; the data supplies prompts and shape
         text = fm.batch_text(self.text_graphdef, frozen, batch)
         k_traj, k_step = jax.random.split(key)
-        traj, x0 = teacher_trajectory(
-            self.teacher_graphdef,
-            frozen["teacher"],
-            text,
-            k_traj,
-            shape,
-            self.teacher_layout,
-            self.timesteps,
-            self.substeps,
-            self.guidance,
-        )
-        traj, x0 = jax.lax.stop_gradient(traj), jax.lax.stop_gradient(x0)  # [n, B, F, ...], [B, F, ...]
-        b, f = shape[:2]
+        if "trajectory" in batch:  # stored: [B, n, F, h, w, C] and the teacher's x0 as 'latents'
+            traj = jnp.moveaxis(batch["trajectory"].astype(jnp.float32), 1, 0)
+            x0 = batch["latents"].astype(jnp.float32)
+        else:
+            if frozen is None or "teacher" not in frozen:
+                raise ValueError(
+                    "ode_init: the batch has no stored 'trajectory' and the state no teacher "
+                    "(config.data.source='ode_trajectories' needs the trajectories' records)"
+                )
+            traj, x0 = teacher_trajectory(
+                self.teacher_graphdef,
+                frozen["teacher"],
+                text,
+                k_traj,
+                batch["latents"].shape,  # [B, F, h, w, C]; the data supplies prompts and shape
+                self.teacher_layout,
+                self.timesteps,
+                self.substeps,
+                self.guidance,
+            )
+        return self.student_loss(params, text, traj, x0, k_step)
+
+    def student_loss(self, params, text, traj, x0, key):
+        """Regression of the student on one trajectory (both paths): traj [n, B, F, h, w, C] at the
+        student timesteps, x0 [B, F, h, w, C] the teacher's clean result."""
+        traj, x0 = jax.lax.stop_gradient(traj), jax.lax.stop_gradient(x0)
+        b, f = x0.shape[:2]
         chunk = self.student_layout.chunk_frames
         n = traj.shape[0]
-        k = jnp.repeat(jax.random.randint(k_step, (b, f // chunk), 0, n), chunk, axis=1)  # [B, F]
+        if n != len(self.timesteps):
+            raise ValueError(
+                f"trajectory has {n} states but config.sampler gives {len(self.timesteps)} student timesteps"
+            )
+        k = jnp.repeat(jax.random.randint(key, (b, f // chunk), 0, n), chunk, axis=1)  # [B, F]
         x_t = jnp.take_along_axis(traj, k[None, :, :, None, None, None], axis=0)[0]  # [B, F, h, w, C]
         t = jnp.asarray(self.timesteps)[k]  # [B, F]
         v = fm.clip_forward(self.graphdef, params, x_t, t, text, self.student_layout, clean=x0)

@@ -1,0 +1,327 @@
+"""Stored teacher ODE trajectories (`config.data.source='ode_trajectories'`) for `ode_init`.
+
+Owns: the on-disk format written by `launch/make_ode_trajectories.py` and its grain source,
+`make_source(cfg) -> (source, None)`, which checks the files against the run before training.
+
+Directory layout (`config.data.paths`: one or more such directories, or shard files in them):
+
+    DIR/metadata.json                           what generated the records (below)
+    DIR/trajectories-SSSSS-of-NNNNN.array_record  `clips_per_file` records each (the last: the rest)
+    DIR/.trajectories-SSSSS-of-NNNNN.array_record.tmp-*   an unfinished shard (ignored; the
+                                                generator writes there and renames when complete)
+
+One record (an .npz without pickles, one per clip, in clip order; clip i is in shard
+i // clips_per_file):
+    trajectory  [n, F, h, w, C]  the teacher's ODE state at each of the student's n (warped)
+                                 timesteps `metadata.sampler_timesteps` (state 0 is the noise when
+                                 the first timestep is 1000)
+    x0          [F, h, w, C]     the teacher's clean result (end of the ODE)
+    prompt_ids  int32 [P]        (PanWorld, `config.text.kind='words'`)  or
+    text        float32 [T, D]   (pre-computed embeddings)
+    index       int64            clip index i = record i of the unshuffled prompt source
+                                 (`pipeline.source_and_encode`, cycled when it is shorter)
+    noise_seed  int64            starting noise = normal(fold_in(key(noise_seed), i)) with jax's
+                                 default PRNG (`ode_init.clip_noise`): a record is reproducible
+Storage dtype (`metadata.storage_dtype`, trajectory and x0): float32 (default), float16, or
+bfloat16 (stored as its uint16 bit pattern; numpy has no bfloat16). The half types halve storage
+and round the regression targets (float16: ~3 decimal digits, range +-65504, fine for unit-variance
+latents; bfloat16: ~2-3 digits, float32 range); the loss casts back to float32.
+
+metadata.json: format/version, teacher path + sha256 fingerprint of its params values, the teacher
+and student model configs, the sampler section and its warped `sampler_timesteps`, `ode_substeps`,
+`teacher_guidance`, `teacher_attention`, `chunk_frames`, the prompt source (`data.source` and its
+section), `text_format` ('prompt_ids' | 'text'), `text_kind`, `text_encoder_seed` (the PanWorld
+word encoder is built from `config.seed`), `clip_shape`, `trajectory_shape`, `storage_dtype`,
+`noise_seed`, `num_clips`, `clips_per_file`, `shards`.
+
+Checks against the run (`make_source`), each raising a ValueError naming the config field and the
+metadata value: the student's timesteps (`config.sampler`: denoising_steps / shift / warp), the
+latent shape (`config.stream.latent_h` / `latent_w`, `config.model.in_channels`, frames a multiple
+of `config.stream.chunk_frames`), the text format (`config.text.kind`; `config.seed` for the word
+encoder, `config.model.text_dim` for embeddings). Shards named by the metadata must all exist with
+the record count it says (an ArrayRecord file cut short opens with 0 records: this check names the
+file and the missing clip indices). A record that does not decode, or whose arrays have the wrong
+keys, shape or dtype, raises a ValueError naming the file and the record's index in it.
+
+Records given to the trainer (the `ode_init` batch):
+    trajectory  [n, F, h, w, C]  storage dtype
+    latents     [F, h, w, C]     the teacher's x0 (storage dtype): the regression target and the
+                                 clip shape the loop and objectives read
+    prompt_ids / text            as stored
+    index       int64            position in the concatenated shards (clip order within a directory)
+
+Works with every option of `pipeline.make_dataset` (shuffle, per-host sharding, workers,
+checkpointable iterators): the reading is `pipeline.ArrayRecordSource`'s.
+
+Must not know: models, training, meshes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
+
+from adastate_jax.data import pipeline
+
+FORMAT = "adastate-ode-trajectories"
+VERSION = 1
+METADATA = "metadata.json"
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+TEXT_FORMATS = ("prompt_ids", "text")
+
+
+def shard_name(shard: int, num_shards: int) -> str:
+    return f"trajectories-{shard:05d}-of-{num_shards:05d}.array_record"
+
+
+def shard_counts(num_clips: int, clips_per_file: int) -> list[int]:
+    """Records per shard: `clips_per_file` each, the last one the rest."""
+    full, rest = divmod(int(num_clips), int(clips_per_file))
+    return [int(clips_per_file)] * full + ([rest] if rest else [])
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+
+
+def to_storage(x: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """float array -> what the .npz holds (bfloat16 as its uint16 bits)."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype {storage_dtype!r}: choose from {STORAGE_DTYPES}")
+    if storage_dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    return np.asarray(x, np.float32).astype(storage_dtype)
+
+
+def from_storage(a: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """What the .npz holds -> an array of the storage dtype (checked)."""
+    want = np.uint16 if storage_dtype == "bfloat16" else np.dtype(storage_dtype)
+    if a.dtype != want:
+        raise ValueError(
+            f"stored dtype {a.dtype} is not the {np.dtype(want)} of storage dtype {storage_dtype}"
+        )
+    if storage_dtype == "bfloat16":
+        import ml_dtypes
+
+        return a.view(ml_dtypes.bfloat16)
+    return a
+
+
+def serialize_record(trajectory, x0, prompt: dict, index: int, noise_seed: int, storage_dtype: str) -> bytes:
+    """One clip -> bytes. prompt: {'prompt_ids': int32 [P]} or {'text': float32 [T, D]}."""
+    if len(prompt) != 1 or next(iter(prompt)) not in TEXT_FORMATS:
+        raise ValueError(f"prompt must be one of {TEXT_FORMATS}, got keys {sorted(prompt)}")
+    ((key, value),) = prompt.items()
+    value = np.asarray(value, np.int32 if key == "prompt_ids" else np.float32)
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        trajectory=to_storage(trajectory, storage_dtype),
+        x0=to_storage(x0, storage_dtype),
+        index=np.int64(index),
+        noise_seed=np.int64(noise_seed),
+        **{key: value},
+    )
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata and checks against the run
+# --------------------------------------------------------------------------------------------
+
+
+def student_timesteps(cfg) -> np.ndarray:
+    from adastate_jax.streaming.sampler import SamplerConfig
+
+    return np.asarray(SamplerConfig.from_dict(cfg.sampler.to_dict()).timesteps, np.float64)
+
+
+def text_format(cfg) -> str:
+    return "prompt_ids" if str(cfg.text.kind) == "words" else "text"
+
+
+def read_metadata(directory: str) -> dict:
+    path = os.path.join(directory, METADATA)
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+    except FileNotFoundError:
+        raise ValueError(
+            f"config.data.paths: {directory} has no {METADATA} "
+            "(not written by launch/make_ode_trajectories.py)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config.data.paths: {path} is not valid JSON: {e}") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(
+            f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, expected {FORMAT!r} "
+            f"version {VERSION}"
+        )
+    return meta
+
+
+def check_metadata(cfg, meta: dict, where: str) -> None:
+    """The run `cfg` can train on trajectories described by `meta` (from `where`), else ValueError."""
+
+    def bad(field, value, what, stored):
+        return ValueError(
+            f"{field}={value} does not match the stored trajectories: {where} has {what}={stored}"
+        )
+
+    want_t = student_timesteps(cfg)
+    have_t = np.asarray(meta["sampler_timesteps"], np.float64)
+    if want_t.shape != have_t.shape or not np.allclose(want_t, have_t, rtol=0, atol=1e-3):
+        raise bad(
+            "config.sampler.denoising_steps (with shift / warp_denoising_steps)",
+            f"{tuple(cfg.sampler.denoising_steps)} -> timesteps {np.round(want_t, 3).tolist()}",
+            "sampler_timesteps",
+            np.round(have_t, 3).tolist(),
+        )
+    f, h, w, c = (int(v) for v in meta["clip_shape"])
+    for field, value, stored in (
+        ("config.stream.latent_h", int(cfg.stream.latent_h), h),
+        ("config.stream.latent_w", int(cfg.stream.latent_w), w),
+        ("config.model.in_channels", int(cfg.model.in_channels), c),
+    ):
+        if value != stored:
+            raise bad(field, value, "clip_shape [F, h, w, C]", meta["clip_shape"])
+    chunk = int(cfg.stream.chunk_frames)
+    if f % chunk:
+        raise bad(
+            "config.stream.chunk_frames",
+            chunk,
+            "clip_shape [F, h, w, C] (F not a multiple)",
+            meta["clip_shape"],
+        )
+    if list(meta["trajectory_shape"]) != [len(have_t), f, h, w, c]:
+        raise ValueError(f"{where}: trajectory_shape {meta['trajectory_shape']} disagrees with clip_shape")
+    fmt = text_format(cfg)
+    if meta["text_format"] != fmt:
+        raise bad("config.text.kind", repr(str(cfg.text.kind)), "text_format", repr(meta["text_format"]))
+    if fmt == "prompt_ids" and int(meta["text_encoder_seed"]) != int(cfg.seed):
+        raise bad(
+            "config.seed (builds the word encoder)",
+            int(cfg.seed),
+            "text_encoder_seed",
+            meta["text_encoder_seed"],
+        )
+    if fmt == "text" and int(meta["text_shape"][-1]) != int(cfg.model.text_dim):
+        raise bad("config.model.text_dim", int(cfg.model.text_dim), "text_shape", meta["text_shape"])
+    if meta["storage_dtype"] not in STORAGE_DTYPES:
+        raise ValueError(f"{where}: storage_dtype {meta['storage_dtype']!r} not one of {STORAGE_DTYPES}")
+
+
+def resolve_paths(paths) -> list[tuple[str, dict, int, int]]:
+    """`config.data.paths` (directories or shard files) ->
+    [(file, metadata, expected records, clip index of its first record)]."""
+    if isinstance(paths, str):
+        paths = (paths,)
+    out = []
+    for p in paths:
+        p = str(p)
+        if os.path.isdir(p):
+            meta = read_metadata(p)
+            counts = shard_counts(meta["num_clips"], meta["clips_per_file"])
+            files = [os.path.join(p, s) for s in meta["shards"]]
+            missing = [f for f in files if not os.path.exists(f)]
+            if missing:
+                raise ValueError(
+                    f"config.data.paths: {p} is incomplete, {len(missing)} of {len(files)} shards missing "
+                    f"(first {missing[0]}); rerun launch/make_ode_trajectories.py with the same flags "
+                    "to finish it"
+                )
+            starts = np.cumsum([0] + counts)
+            out += [(f, meta, n, int(s)) for f, n, s in zip(files, counts, starts)]
+        elif os.path.isfile(p):
+            directory = os.path.dirname(os.path.abspath(p))
+            meta = read_metadata(directory)
+            name = os.path.basename(p)
+            if name not in meta["shards"]:
+                raise ValueError(f"config.data.paths: {p} is not a shard listed in {directory}/{METADATA}")
+            s = meta["shards"].index(name)
+            n = shard_counts(meta["num_clips"], meta["clips_per_file"])[s]
+            out.append((p, meta, n, s * int(meta["clips_per_file"])))
+        else:
+            raise ValueError(f"config.data.paths: {p} does not exist")
+    if not out:
+        raise ValueError("config.data.paths: no trajectory directories or shard files given")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The source
+# --------------------------------------------------------------------------------------------
+
+
+class TrajectorySource(pipeline.ArrayRecordSource):
+    """Stored trajectory shards -> {'trajectory', 'latents' (= x0), 'prompt_ids' | 'text', 'index'}."""
+
+    def __init__(self, files, trajectory_shape, text_format_: str, storage_dtype: str, expected=None):
+        """expected: per file (records its metadata promises, clip index of its first record)."""
+        if expected is not None:
+            for path, (n, first) in zip(files, expected):
+                detail = None
+                try:
+                    r = ArrayRecordReader(str(path))
+                    have = r.num_records()
+                    r.close()
+                    if have != n:
+                        detail = f"{have} records"
+                except Exception as e:  # noqa: BLE001
+                    have, detail = 0, f"unreadable ({e})"
+                if detail is not None:
+                    raise ValueError(
+                        f"bad shard {path}: {detail}, its {METADATA} says {n} (truncated or corrupted): "
+                        f"records {have}..{n - 1} (clips {first + have}..{first + n - 1}) cannot be read. "
+                        "Delete it and rerun launch/make_ode_trajectories.py to regenerate it"
+                    )
+        super().__init__(files)
+        self.trajectory_shape = tuple(int(v) for v in trajectory_shape)
+        self.text_format = text_format_
+        self.storage_dtype = storage_dtype
+
+    def decode(self, raw: bytes, index: int) -> dict:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            keys = set(z.files)
+            need = {"trajectory", "x0", "index", "noise_seed", self.text_format}
+            if not need <= keys:
+                raise ValueError(f"record has keys {sorted(keys)}, needs {sorted(need)}")
+            traj = from_storage(z["trajectory"], self.storage_dtype)
+            x0 = from_storage(z["x0"], self.storage_dtype)
+            prompt = z[self.text_format]
+        if traj.shape != self.trajectory_shape or x0.shape != self.trajectory_shape[1:]:
+            raise ValueError(
+                f"trajectory {traj.shape} / x0 {x0.shape} must be {list(self.trajectory_shape)} / "
+                f"{list(self.trajectory_shape[1:])} (metadata trajectory_shape)"
+            )
+        return {"trajectory": traj, "latents": x0, self.text_format: prompt, "index": np.int64(index)}
+
+
+def make_source(cfg):
+    """(TrajectorySource over `config.data.paths`, None): checked against the run (module docstring)."""
+    entries = resolve_paths(cfg.data.paths)
+    first = entries[0][1]
+    seen = set()
+    for f, meta, _, _ in entries:
+        where = os.path.join(os.path.dirname(os.path.abspath(f)), METADATA)
+        if where not in seen:
+            seen.add(where)
+            check_metadata(cfg, meta, where)
+            for k in ("trajectory_shape", "text_format", "storage_dtype"):
+                if meta[k] != first[k]:
+                    raise ValueError(f"config.data.paths: {where} has {k}={meta[k]}, another path {first[k]}")
+    source = TrajectorySource(
+        [f for f, _, _, _ in entries],
+        first["trajectory_shape"],
+        first["text_format"],
+        first["storage_dtype"],
+        expected=[(n, start) for _, _, n, start in entries],
+    )
+    return source, None

@@ -1,0 +1,244 @@
+"""Stored teacher ODE trajectories for `ode_init` (launch/make_ode_trajectories.py, data/trajectories.py):
+records reproduce `teacher_trajectory` from their seed and prompt, the stored and on-the-fly losses
+agree on the same trajectory, training on stored trajectories lowers the loss with no teacher in the
+state, mismatches with the run and bad shards are named, the generator resumes."""
+
+import dataclasses
+import importlib.util
+import io
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from adastate_jax import config as config_lib
+from adastate_jax.data import panworld, pipeline
+from adastate_jax.data import trajectories as tj
+from adastate_jax.models import checkpoint_io, wan
+from adastate_jax.training import loop
+from adastate_jax.training.objectives import flow_matching as fm
+from adastate_jax.training.objectives import ode_init
+from tests.training.conftest_helpers import REPO, one_device_mesh, panworld_config, read_metrics
+
+pytest.importorskip("array_record")
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter  # noqa: E402
+
+NUM_CLIPS, PER_FILE, SEED = 6, 4, 7
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location(
+        "make_ode_trajectories_for_tests", os.path.join(REPO, "launch", "make_ode_trajectories.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cfg(arg="ode", **train):
+    cfg = panworld_config(arg, init_from="", ode_substeps=2, **train)
+    cfg.sampler.denoising_steps = (1000, 500)
+    cfg.model.num_layers = 1  # compile time
+    return cfg
+
+
+def _generate(cfg, out, **kw):
+    args = dict(
+        num_clips=NUM_CLIPS, clips_per_file=PER_FILE, batch_size=2, noise_seed=SEED, log=lambda m: None
+    )
+    return _generator().generate(cfg, str(out), mesh=one_device_mesh(), **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A random (non-zero head) DiT of the PanWorld config, exported like a teacher run."""
+    cfg = _cfg()
+    cfg.model.zero_init_head = False
+    mcfg = config_lib.model_config(cfg)
+    params = nnx.split(wan.create_model(mcfg, seed=1))[1]
+    path = str(tmp_path_factory.mktemp("teacher") / "export")
+    checkpoint_io.save_params(path, params)
+    return path, params
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory, teacher):
+    out = tmp_path_factory.mktemp("traj") / "ode"
+    summary = _generate(_cfg(teacher_path=teacher[0]), out)
+    assert summary["clips"] == NUM_CLIPS and summary["generated_shards"] == [0, 1]
+    return out
+
+
+def _stored_cfg(path, **train):
+    cfg = _cfg("ode,stored", teacher_path="", **train)
+    cfg.data.paths = (str(path),)
+    return cfg
+
+
+def test_record_equals_teacher_trajectory_from_its_seed_and_prompt(stored, teacher):
+    cfg = _stored_cfg(stored)
+    source, encode = tj.make_source(cfg)
+    assert encode is None and len(source) == NUM_CLIPS
+    clip = 5  # in the second shard
+    rec = source[clip]
+    r = ArrayRecordReader(str(stored / tj.shard_name(1, 2)))  # the raw record: its seed and clip index
+    with np.load(io.BytesIO(r.read([clip - PER_FILE])[0])) as z:
+        noise_seed, index = int(z["noise_seed"]), int(z["index"])
+    r.close()
+    assert (noise_seed, index) == (SEED, clip)
+    pw = panworld.PanWorldSource(pipeline.panworld_config(cfg.data))[clip]
+    np.testing.assert_array_equal(rec["prompt_ids"], pw["prompt_ids"])  # clip i = prompt record i
+
+    obj = ode_init.OdeInit(_cfg(teacher_path=teacher[0]), config_lib.model_config(cfg))
+    text_params = nnx.split(fm.text_encoder(cfg.train, obj.model_cfg, int(cfg.seed)))[1]
+
+    @jax.jit
+    def recompute(params, ids):
+        text = fm.batch_text(obj.text_graphdef, {"text": text_params}, {"prompt_ids": ids})
+        noise = ode_init.clip_noise(noise_seed, jnp.asarray([index]), rec["latents"].shape)
+        return ode_init.teacher_trajectory(
+            obj.teacher_graphdef, params, text, None, noise.shape, obj.teacher_layout,
+            obj.timesteps, obj.substeps, obj.guidance, noise=noise,
+        )  # fmt: skip
+
+    traj, x0 = recompute(teacher[1], rec["prompt_ids"][None])
+    np.testing.assert_allclose(rec["trajectory"], np.asarray(traj)[:, 0], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(rec["latents"], np.asarray(x0)[0], rtol=0, atol=2e-5)
+    assert float(np.std(rec["latents"])) > 0.1  # a real trajectory, not zeros
+
+
+def test_stored_and_on_the_fly_losses_agree_on_the_same_trajectory(teacher):
+    cfg = _cfg(teacher_path=teacher[0])
+    mcfg = config_lib.model_config(cfg)
+    fly = ode_init.OdeInit(cfg, mcfg)
+    sto = ode_init.OdeInit(_stored_cfg("unused"), mcfg)
+    assert not fly.stored and sto.stored
+    student = nnx.split(wan.create_model(dataclasses.replace(mcfg, zero_init_head=False), seed=3))[1]
+    text_params = nnx.split(fm.text_encoder(cfg.train, mcfg, int(cfg.seed)))[1]
+    prompt_ids = np.stack(
+        [panworld.PanWorldSource(pipeline.panworld_config(cfg.data))[i]["prompt_ids"] for i in (0, 1)]
+    )
+    shape = (2, 6, 8, 8, 48)
+    key = jax.random.key(11)
+
+    @jax.jit
+    def both(student, teacher_params):
+        frozen = {"text": text_params, "teacher": teacher_params}
+        on_the_fly, _ = fly.loss(
+            student, frozen, {"latents": jnp.zeros(shape), "prompt_ids": prompt_ids}, key
+        )
+        # the trajectory the on-the-fly loss generates (its key split), handed over as stored records
+        text = fm.batch_text(fly.text_graphdef, frozen, {"prompt_ids": prompt_ids})
+        traj, x0 = ode_init.teacher_trajectory(
+            fly.teacher_graphdef, teacher_params, text, jax.random.split(key)[0], shape, fly.teacher_layout,
+            fly.timesteps, fly.substeps, fly.guidance,
+        )  # fmt: skip
+        batch = {"trajectory": jnp.moveaxis(traj, 0, 1), "latents": x0, "prompt_ids": prompt_ids}
+        stored_loss, _ = sto.loss(student, {"text": text_params}, batch, key)
+        other_key, _ = sto.loss(student, {"text": text_params}, batch, jax.random.key(12))
+        return on_the_fly, stored_loss, other_key
+
+    a, b, c = (float(x) for x in both(student, teacher[1]))
+    assert a > 0 and np.isclose(a, b, rtol=1e-5, atol=0), (a, b)
+    assert not np.isclose(a, c, rtol=1e-3), (a, c)  # the key's student step matters: a real comparison
+
+
+def test_ode_init_on_stored_trajectories_lowers_loss_without_a_teacher(stored, tmp_path):
+    cfg = _stored_cfg(stored, steps=30, lr=3e-3)
+    run = loop.setup(cfg, str(tmp_path), one_device_mesh())
+    assert "teacher" not in run.pretrained
+    assert run.abstract_state.frozen is not None and "teacher" not in run.abstract_state.frozen
+    loop.train(cfg, str(tmp_path), mesh=one_device_mesh())
+    vals = [r["loss"] for r in read_metrics(tmp_path)]
+    first, last = float(np.mean(vals[:5])), float(np.mean(vals[-5:]))
+    assert last < 0.7 * first, (first, last)
+
+
+def test_mismatched_run_raises_naming_the_field(stored):
+    cases = [
+        (lambda c: setattr(c.sampler, "denoising_steps", (1000, 750)), "config.sampler.denoising_steps"),
+        (lambda c: setattr(c.sampler, "shift", 5.0), "config.sampler.denoising_steps"),
+        (lambda c: setattr(c.stream, "latent_h", 4), "config.stream.latent_h"),
+        (lambda c: setattr(c.model, "in_channels", 12), "config.model.in_channels"),
+        (lambda c: setattr(c.text, "kind", "embeddings"), "config.text.kind"),
+        (lambda c: setattr(c, "seed", 1), "config.seed"),
+    ]
+    tj.make_source(_stored_cfg(stored))  # the matching run is fine
+    for change, field in cases:
+        cfg = _stored_cfg(stored)
+        change(cfg)
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")) as e:
+            tj.make_source(cfg)
+        assert "metadata.json" in str(e.value), str(e.value)
+
+
+def test_bad_shards_raise_naming_file_and_index(stored, tmp_path):
+    # truncated: an ArrayRecord file cut short opens with 0 records
+    cut = tmp_path / "cut"
+    shutil.copytree(stored, cut)
+    shard0 = cut / tj.shard_name(0, 2)
+    data = shard0.read_bytes()
+    shard0.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"bad shard .*trajectories-00000-of-00002.*records 0\.\.3"):
+        tj.make_source(_stored_cfg(cut))
+
+    # a record that does not decode, and one of the wrong shape, in the second shard
+    bad = tmp_path / "bad"
+    shutil.copytree(stored, bad)
+    shard1 = bad / tj.shard_name(1, 2)
+    wrong = tj.serialize_record(
+        np.zeros((2, 6, 8, 8, 4)), np.zeros((6, 8, 8, 4)), {"prompt_ids": np.zeros(4)}, 5, 0, "float32"
+    )
+    w = ArrayRecordWriter(str(shard1), "group_size:1")
+    w.write(b"not an npz" * 10)
+    w.write(wrong)
+    w.close()
+    source, _ = tj.make_source(_stored_cfg(bad))
+    with pytest.raises(ValueError, match=r"bad record 0 of .*trajectories-00001-of-00002.*global index 4"):
+        source[4]
+    with pytest.raises(ValueError, match=r"bad record 1 of .*trajectories-00001-of-00002.*trajectory_shape"):
+        source[5]
+    assert source[0]["trajectory"].shape == (2, 6, 8, 8, 48)
+
+    missing = tmp_path / "missing"
+    shutil.copytree(stored, missing)
+    os.remove(missing / tj.shard_name(1, 2))
+    with pytest.raises(ValueError, match=r"incomplete, 1 of 2 shards missing"):
+        tj.make_source(_stored_cfg(missing))
+
+
+def test_generator_resumes_skipping_finished_shards(stored, teacher, tmp_path):
+    out = tmp_path / "resume"
+    shutil.copytree(stored, out)
+    kept = out / tj.shard_name(0, 2)
+    redo = out / tj.shard_name(1, 2)
+    before = redo.read_bytes()
+    mtime = kept.stat().st_mtime_ns
+    os.remove(redo)
+    stale = out / f".{tj.shard_name(1, 2)}.tmp-12345"
+    stale.write_bytes(b"half a shard")  # left by a killed run
+    cfg = _cfg(teacher_path=teacher[0])
+    summary = _generate(cfg, out)
+    assert summary["skipped_shards"] == [0] and summary["generated_shards"] == [1]
+    assert summary["clips"] == NUM_CLIPS - PER_FILE
+    assert kept.stat().st_mtime_ns == mtime and not stale.exists()
+    assert redo.read_bytes() == before  # deterministic: the same records again
+    again = _generate(cfg, out)
+    assert again["generated_shards"] == [] and again["clips"] == 0
+    with pytest.raises(ValueError, match="noise_seed"):
+        _generate(cfg, out, noise_seed=SEED + 1)
+
+
+def test_half_precision_storage_roundtrip():
+    x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    for dtype, tol in (("float16", 1e-3), ("bfloat16", 1e-2), ("float32", 0.0)):
+        raw = tj.to_storage(x, dtype)
+        back = tj.from_storage(raw, dtype).astype(np.float32)
+        assert raw.nbytes == x.nbytes // (1 if dtype == "float32" else 2)
+        np.testing.assert_allclose(back, x, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="storage dtype bfloat16"):
+        tj.from_storage(x.astype(np.float16), "bfloat16")
