@@ -146,6 +146,12 @@ def bench_variant(cfg, label: str) -> dict:
     from adastate_jax.models import attention as attn
     from adastate_jax.training import loop
 
+    if cfg.train.objective in ("ode_init", "self_forcing_dmd"):
+        # the teacher (and the student's init) are random here: any non-empty path passes set-up,
+        # nothing is read from it (random_pretrained)
+        with cfg.unlocked():
+            cfg.train.teacher_path = cfg.train.teacher_path or "(random)"
+            cfg.train.init_from = cfg.train.init_from or "(random)"
     run = loop.setup(cfg, workdir="/tmp/benchmark_train")
     model_cfg = run.model_cfg
     batch = int(cfg.train.batch_size)
