@@ -243,8 +243,10 @@ def source_and_encode(cfg):
             encode = PanWorldVideo()
         else:
             raise ValueError(f"config.data.codec: unknown codec {codec!r}; choose 'patch' or 'none'")
-    elif data.source == "arrayrecord":
-        source = LatentsArrayRecordSource(data.paths)
+    elif data.source == "arrayrecord":  # files, directories or globs of .array_record shards
+        from adastate_jax.data.video_source import expand_paths
+
+        source = LatentsArrayRecordSource(expand_paths(data.paths, (".array_record",)))
         encode = None
     elif data.source == "video":  # video files decoded, resized, optionally encoded
         from adastate_jax.data import video_source

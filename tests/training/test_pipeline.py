@@ -63,3 +63,28 @@ def test_arrayrecord_latents_roundtrip_and_bad_record_names_file_and_index(tmp_p
     w.close()
     with pytest.raises(ValueError, match=r"bad record 0 of .*bad\.array_record"):
         pipeline.LatentsArrayRecordSource([path, bad])[5]
+
+
+def test_arrayrecord_paths_accept_directories_and_globs(tmp_path):
+    pytest.importorskip("array_record")
+    rng = np.random.default_rng(1)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, n in enumerate((3, 2)):
+        recs = [(np.full((6, 8, 8, 48), 10 * i + j, np.float32), rng.normal(size=(8, 32))) for j in range(n)]
+        pipeline.write_latents_arrayrecord(str(shards / f"shard-{i}.array_record"), recs)
+    (shards / "notes.txt").write_text("not a shard")
+    cfg = panworld_config("teacher", batch_size=1)
+    cfg.data.source, cfg.data.shuffle = "arrayrecord", False
+    for paths in ((str(shards),), (str(shards / "shard-*.array_record"),)):
+        cfg.data.paths = paths
+        firsts = [float(next_batch["latents"][0, 0, 0, 0, 0]) for next_batch in _take(cfg, 5)]
+        assert firsts == [0.0, 1.0, 2.0, 10.0, 11.0]  # sorted shards, records in order
+    cfg.data.paths = (str(tmp_path / "missing"),)
+    with pytest.raises(ValueError, match="config.data.paths: .*missing.* does not exist"):
+        pipeline.make_iterator(cfg)
+
+
+def _take(cfg, n):
+    it = pipeline.make_iterator(cfg)
+    return [next(it) for _ in range(n)]
