@@ -48,6 +48,7 @@ def model_section(**fields) -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype: bfloat16 on accelerators, float32 for CPU tests
         remat="none",  # none | full | dots | dots_no_batch | save_attention_out
         attention="xla",  # xla | cudnn | reference
+        attention_blocks="auto",  # auto (static training masks run block-sparse) | dense
         zero_init_head=True,  # Wan's init (zero output); False gives a non-trivial random model
     )
     unknown = sorted(set(fields) - set(model))

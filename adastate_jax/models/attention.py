@@ -4,17 +4,25 @@ Owns: the RoPE frequency split of a head (t/h/w), rotation of un-roped keys/quer
 indices given as data, the frame-level masks that training and streaming need (block-causal,
 windowed with sinks, teacher forcing), and the attention call with an implementation switch.
 
+Also owns the static block-sparse plan of a frame mask: training masks are known at trace time
+(numpy) and block-structured, so instead of a [T, K] token mask the attention runs, per group of
+query frames with identical mask rows, unmasked over the key frames that group may see.
+
 Must not know: caches, anchor policies, layouts of a KV buffer. A "frame" here is a group of
 `tokens_per_frame` consecutive tokens sharing one temporal index.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+ATTENTION_BLOCKS = ("auto", "dense")  # static frame masks: block-sparse plan when possible, or dense
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,3 +212,148 @@ def attention(
         return out
     impl = None if implementation == "xla" and jax.default_backend() == "cpu" else implementation
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+# --------------------------------------------------------------------------------------------
+# Static block-sparse attention (frame masks known at trace time)
+# --------------------------------------------------------------------------------------------
+
+Ranges = tuple[tuple[int, int], ...]  # sorted, disjoint, non-adjacent [start, stop) frame ranges
+
+
+def _runs(indices: np.ndarray) -> Ranges:
+    """Sorted int indices -> maximal contiguous [start, stop) runs."""
+    runs: list[tuple[int, int]] = []
+    for i in (int(j) for j in indices):
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return tuple(runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionGroup:
+    """Query frames that share one mask row, and the key frames they may all attend to."""
+
+    q_ranges: Ranges
+    k_ranges: Ranges
+
+    @property
+    def q_frames(self) -> int:
+        return sum(b - a for a, b in self.q_ranges)
+
+    @property
+    def k_frames(self) -> int:
+        return sum(b - a for a, b in self.k_ranges)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """Static plan of a [Fq, Fk] frame mask: groups partition the query frames; within a group,
+    every query frame sees exactly the group's key ranges. Hashable (plain tuples), so it can be
+    closed over by scanned / rematerialised layer bodies and used as a static jit argument."""
+
+    q_frames: int
+    k_frames: int
+    groups: tuple[AttentionGroup, ...]
+
+    def to_mask(self) -> np.ndarray:
+        """The boolean [Fq, Fk] frame mask this plan computes (inverse of `plan_frame_mask`)."""
+        m = np.zeros((self.q_frames, self.k_frames), bool)
+        for g in self.groups:
+            cols = np.zeros(self.k_frames, bool)
+            for a, b in g.k_ranges:
+                cols[a:b] = True
+            for a, b in g.q_ranges:
+                m[a:b] = cols
+        return m
+
+    @property
+    def density(self) -> float:
+        """Share of the (query frame, key frame) pairs computed: the cost relative to dense."""
+        pairs = sum(g.q_frames * g.k_frames for g in self.groups)
+        return pairs / float(self.q_frames * self.k_frames)
+
+
+def plan_frame_mask(frame_mask) -> BlockPlan:
+    """Analyse a static boolean frame mask [Fq, Fk] (True = may attend) into a BlockPlan.
+
+    Query frames with identical rows form one group (ordered by first appearance); each group's
+    allowed key frames become contiguous ranges. Raises ValueError when a query frame may attend
+    to no key (softmax over an empty set: not something the dense path computes meaningfully).
+    """
+    m = np.asarray(frame_mask)
+    if m.ndim != 2:
+        raise ValueError(f"plan_frame_mask needs a [Fq, Fk] frame mask, got shape {m.shape}")
+    m = m.astype(bool)
+    empty = np.flatnonzero(~m.any(axis=1))
+    if empty.size:
+        raise ValueError(
+            f"frame mask: query frame(s) {empty.tolist()} may attend to no key frame; a block plan "
+            "(and softmax attention) needs at least one visible key per query"
+        )
+    rows: dict[bytes, list[int]] = {}
+    for i in range(m.shape[0]):
+        rows.setdefault(m[i].tobytes(), []).append(i)
+    groups = tuple(
+        AttentionGroup(_runs(np.asarray(q)), _runs(np.flatnonzero(m[q[0]]))) for q in rows.values()
+    )
+    return BlockPlan(int(m.shape[0]), int(m.shape[1]), groups)
+
+
+def _take_frames(x: jax.Array, ranges: Ranges, tokens_per_frame: int) -> jax.Array:
+    """Static gather of frame ranges along the token axis (axis 1) of x [B, T, ...]."""
+    parts = [x[:, a * tokens_per_frame : b * tokens_per_frame] for a, b in ranges]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+def block_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    plan: BlockPlan,
+    q_tokens_per_frame: int,
+    k_tokens_per_frame: int,
+    implementation: str = "xla",
+    constrain: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+    """Attention under the static frame mask that `plan` describes, without any mask tensor.
+
+    q [B, Fq*Pq, N, H]; k, v [B, Fk*Pk, N, H] (RoPE already applied: slicing keeps positions).
+    For each group: its queries and allowed keys/values are gathered by static slices, attention
+    runs unmasked (so 'cudnn' is flash attention, 'xla' the plain XLA kernel), and the outputs
+    are put back in query order by a static concatenation. Same math as `attention` with the
+    expanded token mask; masked-out blocks are never computed.
+    constrain: optional sharding constraint applied to every per-group q/k/v/out and the result.
+    Returns out [B, Fq*Pq, N, H].
+    """
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLS}")
+    if q.shape[1] != plan.q_frames * q_tokens_per_frame:
+        raise ValueError(
+            f"block_attention: q has {q.shape[1]} tokens, plan has {plan.q_frames} query frames "
+            f"of {q_tokens_per_frame} tokens"
+        )
+    if k.shape[1] != plan.k_frames * k_tokens_per_frame or v.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"block_attention: k/v have {k.shape[1]}/{v.shape[1]} tokens, plan has {plan.k_frames} "
+            f"key frames of {k_tokens_per_frame} tokens"
+        )
+    cons = constrain or (lambda z: z)
+    pieces: list[tuple[int, jax.Array]] = []
+    for g in plan.groups:
+        if not g.k_ranges:
+            raise ValueError(f"block plan group {g} has no key frames")
+        qg = cons(_take_frames(q, g.q_ranges, q_tokens_per_frame))
+        kg = cons(_take_frames(k, g.k_ranges, k_tokens_per_frame))
+        vg = cons(_take_frames(v, g.k_ranges, k_tokens_per_frame))
+        og = cons(attention(qg, kg, vg, None, implementation))
+        off = 0
+        for a, b in g.q_ranges:
+            n = (b - a) * q_tokens_per_frame
+            pieces.append((a, og[:, off : off + n]))
+            off += n
+    pieces.sort(key=lambda pc: pc[0])
+    out = pieces[0][1] if len(pieces) == 1 else jnp.concatenate([pc[1] for pc in pieces], axis=1)
+    return cons(out)

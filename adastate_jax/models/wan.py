@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from adastate_jax import sharding as shd
 from adastate_jax.dataclass_config import dataclass_from_dict
@@ -56,6 +57,9 @@ class WanConfig:
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
     remat: str = "none"
     attention: str = "xla"
+    # static training frame masks: 'auto' runs the block-sparse plan (no [T, K] mask, masked-out
+    # blocks skipped) whenever the mask is known at trace time; 'dense' always expands the mask
+    attention_blocks: str = "auto"
     zero_init_head: bool = True  # Wan's init; False gives a non-trivial random model
 
     def __post_init__(self):
@@ -119,6 +123,11 @@ def validate_config(c: WanConfig, prefix: str = "model") -> None:
         bad(
             "attention",
             f"unknown attention implementation {c.attention!r}; choose from {attn.ATTENTION_IMPLS}",
+        )
+    if c.attention_blocks not in attn.ATTENTION_BLOCKS:
+        bad(
+            "attention_blocks",
+            f"unknown attention block mode {c.attention_blocks!r}; choose from {attn.ATTENTION_BLOCKS}",
         )
 
 
@@ -256,12 +265,16 @@ class WanBlock(nnx.Module):
         split = functools.partial(rearrange, pattern="b t (n h) -> b t n h", n=cfg.num_heads)
         return split(k), split(v)
 
-    def __call__(self, cfg: WanConfig, x, e, text_k, text_v, rope_q, rope_k, ctx_k, ctx_v, mask, want_mass):
+    def __call__(
+        self, cfg: WanConfig, x, e, text_k, text_v, rope_q, rope_k, ctx_k, ctx_v, mask, want_mass, plan=None
+    ):
         """One block.
 
         x [B, T, D] (T = F*P own tokens); e [B, F, 6, D] fp32 modulation (time_projection output);
         text_k/v [B, Tt, N, H]; rope_q (cos, sin) [B, T, H/2]; rope_k (cos, sin) [B, S*P + T, H/2];
-        ctx_k/v [B, S, P, N, H] or None; mask [B, 1, T or 1, S*P + T] bool or None.
+        ctx_k/v [B, S, P, N, H] or None; mask [B, 1, T or 1, S*P + T] bool or None;
+        plan: static `attn.BlockPlan` over the F query x S + F key frames (then mask is None and
+        the self-attention runs block-sparse; key mass is not available).
         Returns x [B, T, D], new k/v [B, T, N, H] (un-roped), key mass [B, S*P + T] or None.
         """
         dt = jnp.dtype(cfg.dtype)
@@ -290,8 +303,18 @@ class WanBlock(nnx.Module):
             k_all, v_all = k, v
         q = attn.apply_rope(q, rope_q)
         k_all = attn.apply_rope(k_all, rope_k)
-        res = attn.attention(q, k_all, v_all, mask, cfg.attention, return_key_mass=want_mass)
-        o, mass = res if want_mass else (res, None)
+        if plan is not None:
+            if mask is not None or want_mass:
+                raise ValueError("a block plan excludes a token mask and the key mass")
+
+            def heads(z):
+                return shd.constrain(z, ("batch", "act_tokens", "heads", "head_dim"))
+
+            o, mass = attn.block_attention(q, k_all, v_all, plan, p, p, cfg.attention, heads), None
+        else:
+            res = attn.attention(q, k_all, v_all, mask, cfg.attention, return_key_mass=want_mass)
+            o, mass = res if want_mass else (res, None)
+        o = checkpoint_name(o, "attention_out")  # saved by the 'save_attention_out' remat policy
         o = sa.o(rearrange(o, "b t n h -> b t (n h)"), dt)
         x = (x.astype(jnp.float32) + o.astype(jnp.float32) * gate1).astype(x.dtype)
 
@@ -441,6 +464,8 @@ class WanDiT(nnx.Module):
         ctx:        Context of S cached frames (or None).
         frame_mask: [F, S + F] or [B, F, S + F] bool, query frame x key frame (context first).
                     Default: every valid context frame and every own frame is visible.
+                    A mask known at trace time (numpy) with a static ctx.valid runs block-sparse
+                    (see `attn.BlockPlan`; config `attention_blocks`); a traced one runs dense.
         Returns ForwardOut(velocity [B, F, H, W, C_out], k/v [L, B, F, P, N, H], key_mass).
         """
         cfg = self.cfg
@@ -475,19 +500,26 @@ class WanDiT(nnx.Module):
 
         # Masks. Streaming (no frame_mask): every query sees the same keys, so a key-only mask
         # [B, 1, 1, K] suffices (no [T, K] mask is materialised). Training masks are frame-level
-        # [B, F, S + F], expanded to tokens [B, 1, T, K].
+        # [B, F, S + F]: when known at trace time (and attention_blocks='auto', no key mass) they
+        # become a static block plan (no mask at all); otherwise they are expanded to [B, 1, T, K].
+        if frame_mask is not None and tuple(np.shape(frame_mask))[-2:] != (f, s + f):
+            raise ValueError(
+                f"frame_mask must be [.., {f}, {s + f}] (F, S + F), got {tuple(np.shape(frame_mask))}"
+            )
+        plan = None
+        if frame_mask is not None and cfg.attention_blocks == "auto" and not return_key_mass:
+            plan = static_block_plan(frame_mask, None if ctx is None else ctx.valid, b)
         key_valid = None
-        if ctx is not None:
+        if ctx is not None and plan is None:
             key_valid = jnp.concatenate(
                 [ctx.valid.astype(bool), jnp.ones((b, f), bool)], axis=1
             )  # [B, S + F]
-        if frame_mask is None:
+        if plan is not None:
+            mask = None
+        elif frame_mask is None:
             mask = None if key_valid is None else jnp.repeat(key_valid, p, axis=1)[:, None, None, :]
         else:
-            frame_mask = jnp.asarray(frame_mask, bool)
-            if frame_mask.shape[-2:] != (f, s + f):
-                raise ValueError(f"frame_mask must be [.., {f}, {s + f}] (F, S + F), got {frame_mask.shape}")
-            fm = jnp.broadcast_to(frame_mask, (b, f, s + f))
+            fm = jnp.broadcast_to(jnp.asarray(frame_mask, bool), (b, f, s + f))
             if key_valid is not None:
                 fm = fm & key_valid[:, None, :]
             mask = attn.expand_frame_mask(fm, p, p)
@@ -497,7 +529,9 @@ class WanDiT(nnx.Module):
         def body(h, xs):
             layer_state, tk, tv, ck, cv = xs
             block = nnx.merge(graphdef, layer_state)
-            h, k_new, v_new, mass = block(cfg, h, e, tk, tv, rope_q, rope_k, ck, cv, mask, return_key_mass)
+            h, k_new, v_new, mass = block(
+                cfg, h, e, tk, tv, rope_q, rope_k, ck, cv, mask, return_key_mass, plan
+            )
             return h, (k_new, v_new, mass)
 
         body = _remat(body, cfg.remat)
@@ -516,6 +550,37 @@ class WanDiT(nnx.Module):
         if return_key_mass:
             mass = rearrange(mass, "l b (s p) -> l b s p", p=p).sum(-1)  # [L, B, S + F]
         return ForwardOut(vel, k_new, v_new, mass if return_key_mass else None)
+
+
+def _static_value(x) -> np.ndarray | None:
+    """x as a numpy array when it is known at trace time (numpy, or a concrete jax array), else None."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(x)
+    except Exception:  # e.g. a jax array not addressable from this process
+        return None
+
+
+def static_block_plan(frame_mask, ctx_valid, batch: int) -> attn.BlockPlan | None:
+    """The static block plan of a forward's frame mask [F, S + F] or [B, F, S + F], with the
+    context validity [B, S] (or None) folded in; None when either is traced or the batch rows
+    differ (then the dense masked path runs)."""
+    fm = _static_value(frame_mask)
+    if fm is None:
+        return None
+    fm = fm.astype(bool)
+    fm = fm.reshape((-1, *fm.shape[-2:]))  # [B or 1, F, S + F]
+    if ctx_valid is not None:
+        cv = _static_value(ctx_valid)
+        if cv is None:
+            return None
+        cv = cv.astype(bool).reshape((-1, cv.shape[-1]))  # [B or 1, S]
+        own = np.ones((cv.shape[0], fm.shape[-1] - cv.shape[-1]), bool)
+        fm = fm & np.concatenate([cv, own], axis=1)[:, None, :]
+    if fm.shape[0] not in (1, batch) or not (fm == fm[:1]).all():
+        return None
+    return attn.plan_frame_mask(fm[0])
 
 
 # --------------------------------------------------------------------------------------------
