@@ -124,6 +124,7 @@ def get_config(arg=None):
             ckpt_every=100,
             keep=3,
             async_checkpoints=True,
+            seed=-1,  # PRNG of the train state (noise, timesteps, rollouts); -1: config.seed
             log_data_order=False,  # write the clip indices of every step to WORKDIR/data_order.jsonl
             init_from="",  # params dir (a previous stage's WORKDIR/export) to start from
             teacher_path="",  # ode / dmd: the teacher's params dir

@@ -224,6 +224,15 @@ def _validate_train(cfg, model_cfg, sizes, rules):
     config_lib.validate_mesh(check, model_cfg, sizes, rules)
 
 
+def train_seed(cfg) -> int:
+    """Seed of the train state's PRNG key (init, noise, timesteps, DMD rollouts):
+    `config.train.seed` when set (>= 0), else `config.seed`. `config.seed` also builds the frozen
+    PanWorld word encoder, so a student must keep its teacher's `config.seed`; `train.seed` varies
+    a run without changing the prompt embeddings."""
+    seed = int(cfg.train.get("seed", -1))
+    return seed if seed >= 0 else int(cfg.seed)
+
+
 def setup(cfg, workdir: str, mesh=None) -> Run:
     model_cfg = config_lib.validate(cfg, check_mesh=False)
     rules = config_lib.sharding_rules(cfg)
@@ -233,7 +242,7 @@ def setup(cfg, workdir: str, mesh=None) -> Run:
     sizes = config_lib.mesh_sizes(cfg, mesh)
     _validate_train(cfg, model_cfg, sizes, rules)
     objective = objectives.build(cfg, model_cfg)
-    rng = jax.random.key_data(jax.random.key(int(cfg.seed)))
+    rng = jax.random.key_data(jax.random.key(train_seed(cfg)))
     pretrained = {}
     for name, (mcfg, path) in objective.pretrained().items():
         if not path:
@@ -257,7 +266,7 @@ def init_state(run: Run):
     for name, (abstract, shardings, path) in run.pretrained.items():
         loaded[name] = checkpoint_io.load_params(path, abstract, shardings)
         say(f"loaded {name} from {path}")
-    rng = jax.random.key_data(jax.random.key(int(run.cfg.seed)))
+    rng = jax.random.key_data(jax.random.key(train_seed(run.cfg)))
     init = jax.jit(run.objective.init_state, out_shardings=run.state_shardings)
     return init(rng, loaded)
 
