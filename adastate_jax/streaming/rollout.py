@@ -2,10 +2,14 @@
 
 Owns: `Streamer`, which binds a DiT graph, the stream/sampler configs and an optional streaming
 decoder, and provides
-  * `init_carry(params, prompts, key)`                   -> Carry
-  * `step(params, carry, prompt_id, prompts, key=None)`  -> (Carry, ChunkOut)   denoise + commit
-  * `rollout(params, carry, prompt_ids, prompts)`        -> (Carry, ChunkOut[N])  `lax.scan(step)`
-  * `stream(params, carry, prompt_ids, prompts)`         -> generator of ChunkOut (same jitted step)
+  * `init_carry(params, prompts, key)`              -> Carry
+  * `step(params, carry, prompt_id, prompts, key=None, exit_step=None)`
+                                                    -> (Carry, ChunkOut)   denoise + commit
+  * `rollout(params, carry, prompt_ids, prompts)`   -> (Carry, ChunkOut[N])  `lax.scan(step)`
+  * `stream(params, carry, prompt_ids, prompts)`    -> generator of ChunkOut (same jitted step)
+`exit_step` (traced, optional) stops the few-step denoising early: the chunk's output and the
+committed cache are the x0 estimate of that step (Self-Forcing's random exit, one program for
+every exit; see `step`).
 A prompt schedule is data: `prompt_ids[c]` indexes the prompt table `prompts [P, B, T, text_dim]`;
 a change of id between chunks is a prompt switch (new cross-attention keys/values, and LongLive's
 re-cache of the window when `stream.recache_on_switch`).
@@ -158,12 +162,27 @@ class Streamer:
     # ------------------------------------------------------------------------------------
     # the step
     # ------------------------------------------------------------------------------------
-    def step(self, params, carry: Carry, prompt_id, prompts, key=None, negative=None, decoder_params=None):
+    def step(
+        self,
+        params,
+        carry: Carry,
+        prompt_id,
+        prompts,
+        key=None,
+        negative=None,
+        decoder_params=None,
+        exit_step=None,
+    ):
         """Denoise one chunk (with the adaptive state for `adastate`) and commit it.
 
         prompt_id: [] int32 index into `prompts [P, B, T, text_dim]` for this chunk.
         key: optional PRNG key for this chunk's noise (default: the carry's key folded with the
-        chunk counter). Returns (carry, ChunkOut).
+        chunk counter).
+        exit_step: optional [] int32 (may be traced) in [0, n): stop after denoising step
+        `exit_step` and output / commit its x0 estimate; the steps after it are skipped at run time
+        (`lax.cond`). Equal to a Streamer whose denoising list is truncated to its first
+        `exit_step + 1` entries (same noise per step). None: all n steps.
+        Returns (carry, ChunkOut).
         """
         sc, smp = self.stream_cfg, self.sampler_cfg
         model = self._model(params)
@@ -192,6 +211,10 @@ class Streamer:
         )
 
         # --- noise -------------------------------------------------------------------------
+        # keys[0]: the initial noise; keys[i + 1]: the re-noising after step i, or the context
+        # noise when step i is the last one run. `split` draws key i independently of the count
+        # (threefry_partitionable, JAX's default), so a truncated denoising list sees the same
+        # noise per step as the full one.
         if key is None:
             key = jax.random.fold_in(jax.random.wrap_key_data(carry.key), carry.chunk)
         n_steps = len(smp.denoising_steps)
@@ -203,7 +226,12 @@ class Streamer:
         ts = jnp.asarray(smp.timesteps, jnp.float32)  # [n]
         sig = ts / smp.num_train_timesteps
         sig_next = jnp.concatenate([sig[1:], jnp.zeros((1,), jnp.float32)])
-        is_last = jnp.arange(n_steps) == n_steps - 1
+        if exit_step is None:
+            last_step = jnp.int32(n_steps - 1)
+            is_last = jnp.arange(n_steps) == n_steps - 1
+        else:
+            last_step = jnp.clip(jnp.asarray(exit_step, jnp.int32), 0, n_steps - 1)
+            is_last = jnp.arange(n_steps) == last_step
 
         def denoise(x_t, xs):
             t_i, s_i, s_next, noise, last = xs
@@ -212,11 +240,34 @@ class Streamer:
             x_next = jnp.where(last, x0, sampler.add_noise(x0, noise, s_next))
             return x_next, mass
 
-        x0, masses = jax.lax.scan(denoise, noises[0], (ts, sig, sig_next, noises[1:], is_last))
+        xs = (ts, sig, sig_next, noises[1:], is_last)
+        if exit_step is None:
+            x0, masses = jax.lax.scan(denoise, noises[0], xs)
+        else:
+            mass_like = jax.eval_shape(denoise, noises[0], jax.tree.map(lambda a: a[0], xs))[1]
+
+            def skip(x_t, xs):  # after the exit step: carry the exit's x0 through unchanged
+                return x_t, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), mass_like)
+
+            # Under differentiation a cond returns the residuals of both branches (zeros from the
+            # skipped one) and the scan stacks them for every step: rematerialising the step keeps
+            # its residuals to its inputs (measured: without it a backward pass through exit 0 of 4
+            # took ~1.6x the truncated list's; with it the same time, for exit 0 and exit 3 alike).
+            run = jax.checkpoint(denoise)
+
+            def maybe_denoise(x_t, xs_i):
+                i, rest = xs_i
+                return jax.lax.cond(i <= last_step, run, skip, x_t, rest)
+
+            x0, masses = jax.lax.scan(maybe_denoise, noises[0], (jnp.arange(n_steps), xs))
 
         # --- cache refresh at context_noise, then commit -----------------------------------
         t_ctx = smp.context_noise
-        x_ctx = x0 if t_ctx == 0 else sampler.add_noise(x0, noises[-1], t_ctx / smp.num_train_timesteps)
+        if t_ctx != 0:
+            ctx_noise = noises[-1] if exit_step is None else jnp.take(noises, last_step + 1, axis=0)
+            x_ctx = sampler.add_noise(x0, ctx_noise, t_ctx / smp.num_train_timesteps)
+        else:
+            x_ctx = x0
         t_arr = jnp.full((bb, sc.frames_per_call), t_ctx, jnp.float32)
         refresh = model(self._dup(x_ctx), t_arr, carry.text, q_pos, ctx)
         fs = sc.query_state_frames
@@ -225,7 +276,7 @@ class Streamer:
             state=x0[:, :fs],
             positions=jnp.concatenate([slot_pos, q_pos]),
             key_valid=jnp.concatenate([carry.valid, jnp.ones((sc.frames_per_call,), bool)]),
-            key_mass=None if masses is None else masses[-1],
+            key_mass=None if masses is None else jnp.take(masses, last_step, axis=0),
         )
         carry = anchors.commit(sc, carry, refresh.k, refresh.v, x0)
 
@@ -280,12 +331,29 @@ class Streamer:
     # three uses
     # ------------------------------------------------------------------------------------
     def rollout(
-        self, params, carry: Carry, prompt_ids: jax.Array, prompts, negative=None, decoder_params=None
+        self,
+        params,
+        carry: Carry,
+        prompt_ids: jax.Array,
+        prompts,
+        negative=None,
+        decoder_params=None,
+        exit_step=None,
     ):
-        """`lax.scan` of `step` over chunks; `prompt_ids [N]` is the prompt schedule."""
+        """`lax.scan` of `step` over chunks; `prompt_ids [N]` is the prompt schedule.
+
+        exit_step: optional [] int32 exit step shared by every chunk (see `step`)."""
 
         def body(c, pid):
-            return self.step(params, c, pid, prompts, negative=negative, decoder_params=decoder_params)
+            return self.step(
+                params,
+                c,
+                pid,
+                prompts,
+                negative=negative,
+                decoder_params=decoder_params,
+                exit_step=exit_step,
+            )
 
         return jax.lax.scan(body, carry, jnp.asarray(prompt_ids, jnp.int32))
 
