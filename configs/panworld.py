@@ -147,6 +147,12 @@ def get_config(arg=None):
             truncation_chunks=2,  # adastate: gradient through the carry for K chunks (others: 1)
             remat_chunks=True,  # jax.checkpoint per chunk of the rollout
             dmd_b1=0.0,
+            # the critic (fake score): its architecture is `config.critic_model` when set (same
+            # fields as config.model; absent: the teacher's), its params start from critic_path when
+            # given, else as a copy of the teacher (shapes must match) or, with critic_init='random',
+            # from random params
+            critic_path="",  # params dir of the critic's shape ('' : see critic_init)
+            critic_init="teacher",  # teacher | random (used when critic_path is '')
         )
     )
 

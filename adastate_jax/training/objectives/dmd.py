@@ -15,10 +15,20 @@ DMD (Self-Forcing / DMD2 conventions, see reference-facts.md):
   loss = 0.5 * mean_i w_i * mean((x_i - sg(x_i - grad_i))^2),
   w_i = 1 + alpha * i / (N - 1) over the N latent frames of the rollout, normalised to mean 1.
 
-Random exit step: for exit step j the chunk's output is the x0 estimate of denoising step j, i.e.
-the same `step` with the denoising list truncated to its first j + 1 entries; one Streamer per
-truncation and a `lax.switch` on j (drawn per rollout, shared by all chunks and devices). Unlike
-Self-Forcing, gradient flows through every denoising step of the exit path (not only the last).
+Random exit step: for exit step j the chunk's output (and the cache it commits) is the x0 estimate
+of denoising step j, i.e. the same `step` with the denoising list truncated to its first j + 1
+entries; j is drawn per rollout (shared by all chunks and devices) and passed traced to
+`Streamer.step(exit_step=j)`, one Streamer and one compiled rollout for every j (the steps after j
+are skipped at run time by a `lax.cond`). Unlike Self-Forcing, gradient flows through every
+denoising step of the exit path (not only the last).
+
+Three models, three sizes: the student (`config.model`), the frozen teacher (`config.teacher_model`,
+default the student's config; params from `config.train.teacher_path`) and the critic
+(`config.critic_model`, default the teacher's config; params from `config.train.critic_path`, else
+a copy of the teacher when the shapes match (DMD2), else random only with
+`config.train.critic_init='random'`). Each runs with its own graphdef; the student's params, the
+critic's params and optimiser state and the frozen teacher live in one `TrainState` and are
+checkpointed together.
 
 Gradient through the cache: `adastate` keeps the carry's K/V, latents and state differentiable for
 `truncation_chunks` chunks (stop_gradient every K chunks); the other policies detach the cache
@@ -36,7 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from einops import rearrange
+from flax import nnx
 
+from adastate_jax import config as config_lib
 from adastate_jax.models import wan
 from adastate_jax.streaming import sampler as smp_lib
 from adastate_jax.streaming.anchors import StreamConfig
@@ -59,6 +71,31 @@ def horizon_weights(num_frames: int, alpha: float) -> np.ndarray:
     return (w / w.mean()).astype(np.float32)
 
 
+CRITIC_INITS = ("teacher", "random")
+
+
+def critic_model_config(cfg, teacher_cfg: wan.WanConfig) -> wan.WanConfig:
+    """`config.critic_model` (same fields as `config.model`) if present, else the teacher's."""
+    if "critic_model" not in cfg:
+        return teacher_cfg
+    import ml_collections
+
+    try:
+        return config_lib.model_config(ml_collections.ConfigDict({"model": cfg.critic_model}))
+    except ValueError as e:  # the message names config.model.<field>: say which section it was
+        raise ValueError(f"config.critic_model: {e}") from None
+
+
+def same_param_shapes(a: wan.WanConfig, b: wan.WanConfig) -> bool:
+    """Whether two DiT configs have params of the same tree structure, shapes and dtypes."""
+    sa, sb = wan.abstract_model(a)[1], wan.abstract_model(b)[1]
+    leaves_a, tree_a = jax.tree.flatten(sa)
+    leaves_b, tree_b = jax.tree.flatten(sb)
+    if tree_a != tree_b:
+        return False
+    return all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(leaves_a, leaves_b))
+
+
 def cut_cache(carry, cut):
     """stop_gradient on the carry's cache fields where `cut` (a traced bool)."""
     upd = {}
@@ -75,21 +112,39 @@ class SelfForcingDMD(SingleModelObjective):
         super().__init__(cfg, model_cfg)
         tc = cfg.train
         self.teacher_cfg = teacher_model_config(cfg, model_cfg)
-        self.teacher_graphdef = wan.abstract_model(self.teacher_cfg)[0]  # the critic has the teacher's shape
+        self.teacher_graphdef = wan.abstract_model(self.teacher_cfg)[0]
+        self.critic_cfg = critic_model_config(cfg, self.teacher_cfg)
+        self.critic_graphdef = wan.abstract_model(self.critic_cfg)[0]
+        self.critic_path = str(tc.get("critic_path", ""))
+        self.critic_init = str(tc.get("critic_init", "teacher"))
+        if self.critic_init not in CRITIC_INITS:
+            raise ValueError(
+                f"config.train.critic_init: unknown {self.critic_init!r}; choose from {CRITIC_INITS}"
+            )
+        if self.critic_path and self.critic_init == "random":
+            raise ValueError(
+                "config.train.critic_path and config.train.critic_init='random' contradict each other: "
+                "clear one of them"
+            )
+        if (
+            not self.critic_path
+            and self.critic_init == "teacher"
+            and not same_param_shapes(self.critic_cfg, self.teacher_cfg)
+        ):
+            raise ValueError(
+                "config.critic_model differs in shape from the teacher (config.teacher_model / "
+                "config.model), so the critic cannot start as a copy of the teacher: set "
+                "config.train.critic_path to a params dir of the critic's shape, or "
+                "config.train.critic_init='random' to start it from random params"
+            )
         self.layout = ClipLayout(str(tc.teacher_attention), int(cfg.stream.chunk_frames))
         self.t_sampling = str(tc.t_sampling)
         self.stream_cfg = StreamConfig.from_dict(cfg.stream.to_dict())
         base = SamplerConfig.from_dict(cfg.sampler.to_dict())
-        steps = base.denoising_steps
-        self.streamers = [
-            Streamer(
-                self.graphdef,
-                model_cfg,
-                self.stream_cfg,
-                dataclasses.replace(base, denoising_steps=steps[: j + 1], guidance_scale=1.0),
-            )
-            for j in range(len(steps))
-        ]
+        self.num_exits = len(base.denoising_steps)
+        self.streamer = Streamer(
+            self.graphdef, model_cfg, self.stream_cfg, dataclasses.replace(base, guidance_scale=1.0)
+        )
         self.tx = state_lib.make_optimizer(tc, b1=float(tc.get("dmd_b1", tc.b1)))
         self.critic_tx = state_lib.make_optimizer(tc, lr=float(tc.critic_lr), b1=float(tc.critic_b1))
         self.critic_schedule = state_lib._scaled(tc, float(tc.critic_lr))
@@ -118,6 +173,8 @@ class SelfForcingDMD(SingleModelObjective):
             raise ValueError("config.train.teacher_path: self_forcing_dmd needs the teacher's params")
         out = super().pretrained()
         out["teacher"] = (self.teacher_cfg, path)
+        if self.critic_path:
+            out["critic"] = (self.critic_cfg, self.critic_path)
         return out
 
     def frozen_extra(self, loaded):
@@ -125,37 +182,35 @@ class SelfForcingDMD(SingleModelObjective):
 
     def init_state(self, rng, loaded) -> TrainState:
         state = super().init_state(rng, loaded)
-        critic = state_lib.copy_tree(loaded["teacher"])  # the fake score starts as the real one
+        if self.critic_path:
+            critic = state_lib.copy_tree(loaded["critic"])
+        elif self.critic_init == "random":
+            critic = nnx.split(wan.create_model(self.critic_cfg, seed=self.seed + 1))[1]
+        else:
+            critic = state_lib.copy_tree(loaded["teacher"])  # the fake score starts as the real one
         return state.replace(critic_params=critic, critic_opt_state=self.critic_tx.init(critic))
 
     # --- the student's rollout -----------------------------------------------------------------
     def rollout(self, params, text, key, exit_idx, num_chunks: int) -> jax.Array:
-        """Student video [B, N * F, h, w, C] streamed chunk by chunk with its own cache."""
+        """Student video [B, N * F, h, w, C] streamed chunk by chunk with its own cache; every chunk
+        exits at denoising step `exit_idx` ([] int32, traced)."""
         prompts = text[None]  # [1, B, T, D]: a one-prompt table
-        key_raw = jax.random.key_data(key)
+        streamer = self.streamer
         k_trunc = self.truncation
+        carry = streamer.init_carry(params, prompts, jax.random.key_data(key))
 
-        def with_streamer(streamer):
-            def go(params, prompts, key_raw):
-                carry = streamer.init_carry(params, prompts, key_raw)
+        def one_chunk(p, carry):
+            return streamer.step(p, carry, jnp.int32(0), prompts, exit_step=exit_idx)
 
-                def one_chunk(p, carry):
-                    return streamer.step(p, carry, jnp.int32(0), prompts)
+        if self.remat:
+            one_chunk = jax.checkpoint(one_chunk)
 
-                if self.remat:
-                    one_chunk = jax.checkpoint(one_chunk)
+        def body(carry, c):
+            carry = cut_cache(carry, (c % k_trunc == 0) & (c > 0))
+            carry, out = one_chunk(params, carry)
+            return carry, out.latents  # [B, F, h, w, C]
 
-                def body(carry, c):
-                    carry = cut_cache(carry, (c % k_trunc == 0) & (c > 0))
-                    carry, out = one_chunk(params, carry)
-                    return carry, out.latents  # [B, F, h, w, C]
-
-                _, lat = jax.lax.scan(body, carry, jnp.arange(num_chunks))
-                return lat  # [N, B, F, h, w, C]
-
-            return go
-
-        lat = jax.lax.switch(exit_idx, [with_streamer(s) for s in self.streamers], params, prompts, key_raw)
+        _, lat = jax.lax.scan(body, carry, jnp.arange(num_chunks))  # [N, B, F, h, w, C]
         return rearrange(lat, "n b f h w c -> b (n f) h w c")
 
     def _num_chunks(self, batch) -> int:
@@ -163,7 +218,7 @@ class SelfForcingDMD(SingleModelObjective):
         return f // self.stream_cfg.chunk_frames
 
     def _exit(self, key):
-        return jax.random.randint(key, (), 0, len(self.streamers))
+        return jax.random.randint(key, (), 0, self.num_exits)
 
     # --- losses ------------------------------------------------------------------------------
     def dmd_loss(self, params, critic_params, teacher_params, text, key, num_chunks):
@@ -180,7 +235,7 @@ class SelfForcingDMD(SingleModelObjective):
         v_real = guided_clip_velocity(
             self.teacher_graphdef, teacher_params, x_t, t, text, self.layout, self.guidance
         )
-        v_fake = fm.clip_forward(self.teacher_graphdef, critic_params, x_t, t, text, self.layout)
+        v_fake = fm.clip_forward(self.critic_graphdef, critic_params, x_t, t, text, self.layout)
         x0_real = jax.lax.stop_gradient(x_t - sigma * v_real)
         x0_fake = jax.lax.stop_gradient(x_t - sigma * v_fake)
         normalizer = jnp.mean(jnp.abs(x_s - x0_real), axis=(1, 2, 3, 4), keepdims=True)
@@ -197,7 +252,7 @@ class SelfForcingDMD(SingleModelObjective):
 
     def critic_loss(self, critic_params, x_fake, text, key):
         return fm.flow_matching_loss(
-            self.teacher_graphdef,
+            self.critic_graphdef,
             critic_params,
             x_fake,
             text,
