@@ -211,6 +211,10 @@ def attention(
             return out, probs.mean(axis=(1, 2))  # [B, S]
         return out
     impl = None if implementation == "xla" and jax.default_backend() == "cpu" else implementation
+    if impl == "cudnn" and mask is not None and mask.shape[-2] == 1 and q.shape[1] > 1:
+        # cuDNN's fused attention takes a mask only at full query length (it becomes a bias of
+        # shape [B, 1, T, K]); the streaming key-only mask [B, 1, 1, K] is broadcast for it
+        mask = jnp.broadcast_to(mask, (*mask.shape[:-2], q.shape[1], mask.shape[-1]))
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 

@@ -251,3 +251,23 @@ def test_cudnn_block_path_calls_unmasked_cudnn(models, monkeypatch):
     p = 6
     assert {(c[0], c[1]) for c in self_calls} == {(2 * p, 2 * p), (2 * p, 4 * p)}
     assert all(c[2] == jnp.bfloat16 and c[3] and c[4] == "cudnn" for c in calls)
+
+
+def test_cudnn_gets_the_streaming_key_mask_at_full_query_length(monkeypatch):
+    """cuDNN's fused attention refuses a key-only mask [B, 1, 1, K] ("Bias must have same seq length
+    as QKV", seen on an H200): `attention` broadcasts it to [B, 1, T, K] for cuDNN only."""
+    seen = []
+    real = jax.nn.dot_product_attention
+
+    def record(q, k, v, *a, mask=None, implementation=None, **kw):
+        seen.append((implementation, None if mask is None else mask.shape))
+        return real(q, k, v, *a, mask=mask, implementation=None, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", record)
+    q = jnp.ones((2, 5, 2, 8), jnp.bfloat16)
+    kv = jnp.ones((2, 7, 2, 8), jnp.bfloat16)
+    key_mask = jnp.arange(7)[None, None, None, :] < jnp.array([4, 7])[:, None, None, None]  # [2, 1, 1, 7]
+    out_cudnn = attn.attention(q, kv, kv, key_mask, "cudnn")
+    out_xla = attn.attention(q, kv, kv, key_mask, "xla")
+    assert seen == [("cudnn", (2, 1, 5, 7)), (None, (2, 1, 1, 7))]
+    np.testing.assert_array_equal(np.asarray(out_cudnn, np.float32), np.asarray(out_xla, np.float32))
