@@ -48,6 +48,8 @@ def get_config(arg=None):
     config.data = small.data
     config.data.source = "arrayrecord"
     config.data.paths = ()
+    config.data.video.num_frames = 81  # pixel frames -> 21 latent frames (launch/encode_videos.py)
+    config.data.video.height, config.data.video.width = 480, 832
     config.data.worker_count = 8
     config.data.read_threads = 4
 
