@@ -262,3 +262,39 @@ def test_dmd_pulls_a_shifted_student_onto_the_teachers_samples(seed):
     before0, after0 = _dmd_distances(teacher, stats, seed, lr=0.0)
     assert before0 == pytest.approx(before)
     assert after0 > 0.9 * before0, (before0, after0)
+
+
+# --------------------------------------------------------------------------------------------
+# a teacher-forcing teacher scores the student's clip with the student's clean chunks as context
+# --------------------------------------------------------------------------------------------
+
+
+def test_teacher_forcing_scores_use_the_clean_sample_as_context():
+    from adastate_jax.training.objectives.flow_matching import ClipLayout
+    from adastate_jax.training.objectives.ode_init import guided_clip_velocity
+
+    cfg = _tiny_dmd_config(1e-3)
+    mcfg = config_lib.model_config(cfg)
+    graphdef, params = nnx.split(wan.create_model(mcfg, seed=1))
+    k = jax.random.split(jax.random.key(2), 4)
+    x = jax.random.normal(k[0], (2, 6, 2, 2, 4))
+    clean = jax.random.normal(k[1], (2, 6, 2, 2, 4))
+    t = jnp.full((2, 6), 600.0)
+    text = jax.random.normal(k[2], (2, 8, 32))
+    layout = ClipLayout("teacher_forcing", 3)
+    v_c = fm.clip_forward(graphdef, params, x, t, text, layout, clean=clean)
+    v_u = fm.clip_forward(graphdef, params, x, t, jnp.zeros_like(text), layout, clean=clean)
+    guided = guided_clip_velocity(graphdef, params, x, t, text, layout, 3.0, clean=clean)
+    np.testing.assert_allclose(np.asarray(guided), np.asarray(v_u + 3.0 * (v_c - v_u)), rtol=1e-4, atol=1e-5)
+    other = guided_clip_velocity(graphdef, params, x, t, text, layout, 3.0, clean=clean + 1.0)
+    assert not np.allclose(np.asarray(other[:, 3:]), np.asarray(guided[:, 3:]))  # the context is read
+
+    # the whole DMD step runs with a teacher-forcing teacher and critic (the critic's flow matching
+    # uses the student's detached sample as its clean context too)
+    cfg.train.teacher_attention = "teacher_forcing"
+    cfg.train.teacher_guidance = 2.0
+    obj = dmd.SelfForcingDMD(cfg, mcfg)
+    state = obj.init_state(jax.random.key(0), {"params": params, "teacher": params})
+    batch = {"latents": jnp.zeros((2, 6, 2, 2, 4)), "text": text}
+    state, metrics = jax.jit(obj.train_step).lower(state, batch).compile(FAST)(state, batch)
+    assert bool(metrics["finite"]) and float(metrics["dmd_gap"]) >= 0.0

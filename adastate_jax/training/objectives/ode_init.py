@@ -52,10 +52,12 @@ def streaming_layout(cfg) -> ClipLayout:
     return ClipLayout("teacher_forcing", sc.chunk_frames, window, sink, float(cfg.sampler.context_noise))
 
 
-def guided_clip_velocity(graphdef, params, x, t, text, layout: ClipLayout, scale: float):
-    """Teacher velocity on a clip with classifier-free guidance (unconditional = zero text)."""
+def guided_clip_velocity(graphdef, params, x, t, text, layout: ClipLayout, scale: float, clean=None):
+    """Teacher velocity on a clip with classifier-free guidance (unconditional = zero text).
+
+    clean: the clean clip a 'teacher_forcing' layout reads as context (DMD: the student's sample)."""
     if scale == 1.0:
-        return fm.clip_forward(graphdef, params, x, t, text, layout)
+        return fm.clip_forward(graphdef, params, x, t, text, layout, clean=clean)
     both = fm.clip_forward(
         graphdef,
         params,
@@ -63,6 +65,7 @@ def guided_clip_velocity(graphdef, params, x, t, text, layout: ClipLayout, scale
         jnp.concatenate([t, t]),
         jnp.concatenate([text, jnp.zeros_like(text)]),
         layout,
+        clean=None if clean is None else jnp.concatenate([clean, clean]),
     )
     v_c, v_u = jnp.split(both, 2)
     return v_u + scale * (v_c - v_u)
