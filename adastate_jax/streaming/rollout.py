@@ -359,7 +359,7 @@ class Streamer:
 
     @functools.cached_property
     def jit_step(self):
-        """Jitted `step` with the carry donated: (params, carry, prompt_id, prompts, negative, decoder_params).
+        """Jitted `step`, carry donated: (params, carry, prompt_id, prompts, negative, decoder_params).
 
         Compiled as a one-chunk `rollout`, so XLA sees the same loop body as the scan: the live
         generator and the offline scan then agree bit for bit (a top-level compilation of the same

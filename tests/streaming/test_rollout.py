@@ -333,7 +333,7 @@ def test_step_is_differentiable_through_the_carry(model):
 
     def loss(p, detach):
         c = carry0
-        for i in range(3):
+        for _ in range(3):
             c, out = st.step(p, c, jnp.int32(0), prompts)
             if detach:
                 c = jax.lax.stop_gradient(c)

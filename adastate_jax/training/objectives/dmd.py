@@ -232,13 +232,12 @@ class SelfForcingDMD(SingleModelObjective):
         sigma = (t / 1000.0)[:, :, None, None, None]
         x_s = jax.lax.stop_gradient(x)
         x_t = smp_lib.add_noise(x_s, jax.random.normal(k_eps, x.shape), sigma)
-        # a 'teacher_forcing' teacher scores each noisy chunk with the student's clean earlier
-        # chunks as context, as it is trained and as it streams
-        clean = x_s if self.layout.attention == "teacher_forcing" else None
+        # a 'teacher_forcing' layout scores each noisy chunk with the student's clean earlier chunks
+        # as context, as the teacher is trained and streams (the other layouts ignore `clean`)
         v_real = guided_clip_velocity(
-            self.teacher_graphdef, teacher_params, x_t, t, text, self.layout, self.guidance, clean=clean
+            self.teacher_graphdef, teacher_params, x_t, t, text, self.layout, self.guidance, clean=x_s
         )
-        v_fake = fm.clip_forward(self.critic_graphdef, critic_params, x_t, t, text, self.layout, clean=clean)
+        v_fake = fm.clip_forward(self.critic_graphdef, critic_params, x_t, t, text, self.layout, clean=x_s)
         x0_real = jax.lax.stop_gradient(x_t - sigma * v_real)
         x0_fake = jax.lax.stop_gradient(x_t - sigma * v_fake)
         normalizer = jnp.mean(jnp.abs(x_s - x0_real), axis=(1, 2, 3, 4), keepdims=True)
