@@ -111,3 +111,13 @@ def test_truncated_gradient_through_adastate_carry(tmp_path, random_teacher):
         grads[k] = jax.grad(late_chunk_loss)(params)
     g1, g2 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads[k])]) for k in (1, 2))
     assert np.abs(g1 - g2).max() > 1e-6 * np.abs(g2).max()
+
+
+def test_ode_init_refuses_a_teacher_forcing_trajectory_layout():
+    from adastate_jax import config as config_lib
+    from adastate_jax.training.objectives.ode_init import OdeInit
+
+    cfg = panworld_config("ode", teacher_path="unused")
+    cfg.train.teacher_attention = "teacher_forcing"
+    with pytest.raises(ValueError, match="config.train.teacher_attention='teacher_forcing'"):
+        OdeInit(cfg, config_lib.model_config(cfg))

@@ -125,6 +125,12 @@ class OdeInit(SingleModelObjective):
         self.stored = str(cfg.data.source) == "ode_trajectories" if "data" in cfg else False
         if self.substeps < 1:
             raise ValueError(f"config.train.ode_substeps must be >= 1, got {self.substeps}")
+        if self.teacher_layout.attention == "teacher_forcing" and not self.stored:
+            raise ValueError(
+                "config.train.teacher_attention='teacher_forcing': an ODE trajectory of a whole clip "
+                "has no clean context to force with; generate it with 'diffusion_forcing' or "
+                "'bidirectional' (teacher_forcing is for DMD's scores)"
+            )
 
     def pretrained(self):
         out = super().pretrained()
