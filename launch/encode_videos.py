@@ -81,7 +81,7 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 def _text_encoder(cfg, model_cfg, text_checkpoint: str):
     from adastate_jax import config as config_lib
-    from adastate_jax.models import text as text_lib
+    from adastate_jax import text as text_lib
 
     kind = str(cfg.text.kind)
     if kind == "words":
@@ -166,8 +166,8 @@ def encode_videos(
     from tqdm import tqdm
 
     from adastate_jax import config as config_lib
+    from adastate_jax import text as text_lib
     from adastate_jax.data import pipeline, video_source
-    from adastate_jax.models import text as text_lib
     from adastate_jax.models import vae as vae_lib
 
     if not out and not embeddings_out:

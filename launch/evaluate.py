@@ -210,23 +210,14 @@ class Video:
 def _words_table(cfg, model_cfg, prompts: list[str]) -> np.ndarray:
     """[len(prompts), text_len, text_dim] from the PanWorld word encoder (seeded by config.seed,
     as the model it conditions)."""
-    from flax import nnx
-
-    from adastate_jax.models import text as text_lib
+    from adastate_jax import text as text_lib
 
     if cfg.text.kind != "words":
         raise app.UsageError(
             f"config.text.kind={cfg.text.kind!r}: evaluate.py encodes PanWorld prompts with the 'words' "
             "encoder only; roll out with launch/rollout.py and pass --videos_dir instead"
         )
-    enc = text_lib.WordEmbeddingEncoder(
-        text_lib.WordEmbeddingConfig(
-            vocab=tuple(panworld.prompt_vocabulary()),
-            text_len=model_cfg.text_len,
-            text_dim=model_cfg.text_dim,
-        ),
-        rngs=nnx.Rngs(int(cfg.seed)),
-    )
+    enc = text_lib.panworld_word_encoder(model_cfg.text_len, model_cfg.text_dim, int(cfg.seed))
     return np.asarray(enc.encode(prompts))
 
 

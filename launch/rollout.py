@@ -63,18 +63,11 @@ flags.DEFINE_integer("min_size", 256, "Upscale tiny frames (nearest) so the shor
 
 def _text_table(cfg, prompts: list[str], model_cfg: wan.WanConfig, batch: int, seed: int) -> np.ndarray:
     """[P, B, T, text_dim] prompt embeddings for the configured text path."""
-    from adastate_jax.models import text as text_lib
+    from adastate_jax import text as text_lib
 
     kind = cfg.text.kind
     if kind == "words":
-        from adastate_jax.data.panworld import prompt_vocabulary
-
-        enc = text_lib.WordEmbeddingEncoder(
-            text_lib.WordEmbeddingConfig(
-                vocab=tuple(prompt_vocabulary()), text_len=model_cfg.text_len, text_dim=model_cfg.text_dim
-            ),
-            rngs=nnx.Rngs(seed),
-        )
+        enc = text_lib.panworld_word_encoder(model_cfg.text_len, model_cfg.text_dim, seed)
         emb = np.asarray(enc.encode(prompts))
     elif kind == "embeddings":
         path = cfg.text.embeddings_path

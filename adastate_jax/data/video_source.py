@@ -392,7 +392,7 @@ def word_ids(caption: str, text_len: int, vocab=None, what: str = "caption") -> 
     """Caption -> int32 [text_len] ids of the PanWorld word encoder (0 = padding); the ids
     `WordEmbeddingEncoder.tokenize` gives for the PanWorld vocabulary."""
     from adastate_jax.data.panworld import prompt_vocabulary
-    from adastate_jax.models.text import split_words
+    from adastate_jax.text.words import split_words
 
     vocab = list(prompt_vocabulary()) if vocab is None else list(vocab)
     index = {w: i for i, w in enumerate(vocab) if i > 0}  # vocab[0] is "<pad>"
@@ -664,7 +664,7 @@ def source_from_config(cfg, text: str | None = None) -> VideoSource:
     text_len = int(cfg.model.text_len)
     embeddings = None
     if text == "embeddings":
-        from adastate_jax.models.text import PrecomputedTextEncoder
+        from adastate_jax.text.embeddings import PrecomputedTextEncoder
 
         path = str(cfg.text.embeddings_path)
         if not path:

@@ -10,7 +10,7 @@ pre-norm T5 RMS layer norm (no mean subtraction, no bias); attention logits are 
 gated-GELU (tanh approximation) feed-forward `wo(gelu(wi_0 x) * wi_1 x)`; a final RMS norm. The
 embedding is not scaled. Layers are stacked on a leading `layers` axis and run with `lax.scan`.
 
-Must not know: tokenizers, prompt caches or files (see `models/text.py`), the DiT, streaming,
+Must not know: tokenizers, prompt caches or files (see `adastate_jax/text/`), the DiT, streaming,
 training or data.
 """
 

@@ -217,7 +217,7 @@ def test_captions_sidecar_json_jsonl_missing_and_word_ids(videos, tmp_path):
     with pytest.raises(ValueError, match=r"1 video\(s\) have no caption in .*caps\.jsonl: .*b\.avi"):
         video_source.load_captions(files, str(sub / "caps.jsonl"))
     # words: the ids the trainer's word encoder gives; unknown words name the video
-    from adastate_jax.models import text as text_lib
+    from adastate_jax import text as text_lib
 
     enc = text_lib.WordEmbeddingEncoder(
         text_lib.WordEmbeddingConfig(vocab=tuple(panworld.prompt_vocabulary()), text_len=8, text_dim=32),

@@ -26,8 +26,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from adastate_jax import text as text_lib
 from adastate_jax.models import attention as attn
-from adastate_jax.models import text as text_lib
 from adastate_jax.models import wan
 from adastate_jax.streaming import sampler as smp_lib
 from adastate_jax.training import state as state_lib
@@ -117,14 +117,7 @@ def flow_matching_loss(
 def text_encoder(train_cfg, model_cfg: wan.WanConfig, seed: int):
     """The frozen PanWorld word encoder, built exactly as `launch/rollout.py` builds it (same seed),
     so a trained DiT sees the same prompt embeddings when streamed."""
-    from adastate_jax.data.panworld import prompt_vocabulary
-
-    return text_lib.WordEmbeddingEncoder(
-        text_lib.WordEmbeddingConfig(
-            vocab=tuple(prompt_vocabulary()), text_len=model_cfg.text_len, text_dim=model_cfg.text_dim
-        ),
-        rngs=nnx.Rngs(seed),
-    )
+    return text_lib.panworld_word_encoder(model_cfg.text_len, model_cfg.text_dim, seed)
 
 
 def batch_text(text_graphdef, frozen, batch) -> jax.Array:
