@@ -10,6 +10,7 @@ nothing of the project.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -19,6 +20,38 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """`config.mesh`: the size of each mesh axis; at most one may be -1 (fill the devices left)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = dataclasses.asdict(self)
+        for axis, v in sizes.items():
+            if v <= 0 and v != -1:
+                raise ValueError(f"config.mesh.{axis}: must be a positive int or -1 (fill), got {v!r}")
+        fill = [a for a, v in sizes.items() if v == -1]
+        if len(fill) > 1:
+            raise ValueError(f"config.mesh.{fill[1]}: at most one mesh axis may be -1, got {fill}")
+
+    def sizes(self, device_count: int | None = None) -> dict[str, int]:
+        """{axis: size} with a -1 resolved against `device_count` (default `jax.device_count()`)."""
+        sizes = dataclasses.asdict(self)
+        fill = [a for a, v in sizes.items() if v == -1]
+        if fill:
+            n = jax.device_count() if device_count is None else int(device_count)
+            known = math.prod(v for v in sizes.values() if v != -1)
+            if n % known:
+                raise ValueError(
+                    f"config.mesh.{fill[0]}: -1 cannot fill {n} devices with the other axes {sizes}"
+                )
+            sizes[fill[0]] = n // known
+        return sizes
 
 # logical axis name -> mesh axis (or tuple of mesh axes, or None for replicated).
 # One table for parameters, activations and the KV cache (MaxText habit).
@@ -121,9 +154,9 @@ def make_mesh(
     return Mesh(grid, MESH_AXES)
 
 
-def mesh_from_config(mesh_cfg) -> Mesh:
-    """Build the mesh from a config section with fields data/fsdp/tensor."""
-    return make_mesh(int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor))
+def mesh_from_config(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build the mesh from a `MeshConfig` (or any object with fields data/fsdp/tensor)."""
+    return make_mesh(int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor), devices)
 
 
 def state_logical_specs(state: nnx.State):

@@ -32,6 +32,9 @@ def latents_to_rgb(latents: np.ndarray) -> np.ndarray:
     return np.clip((x - lo) / max(hi - lo, 1e-6) * 2 - 1, -1, 1)
 
 
+VIDEO_EXTENSIONS = (".mp4", ".gif")
+
+
 def write_video(path: str, frames: np.ndarray, fps: float = 16.0) -> str:
     """Write [T, H, W, 3] (uint8, or floats in [-1, 1]) to `path` (.mp4 or .gif). Returns the path
     written (an .mp4 request falls back to .gif beside it if ffmpeg cannot be used)."""

@@ -1,24 +1,14 @@
-"""Tiny randomly initialised model for CPU: tests, CI and the default demo (seconds per chunk).
+"""Tiny randomly initialised model for CPU: tests, CI and `--random` demos (seconds per chunk).
 
 `--config=configs/tiny.py[:variant,...]`: variants are anchor policies (window, full, sink,
 ema_sink, adastate) and time layouts (relative, absolute), e.g. `configs/tiny.py:window`.
 """
 
-import importlib.util
-import os
-
-
-def load_common():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("adastate_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from adastate_jax.config import defaults
 
 
 def get_config(arg=None):
-    common = load_common()
-    model = common.model_section(
+    model = defaults.model_section(
         dim=64,
         num_heads=4,  # head dim 16: RoPE split 8/4/4
         num_layers=2,
@@ -30,5 +20,5 @@ def get_config(arg=None):
         out_channels=16,
         zero_init_head=False,  # a random model with non-trivial output
     )
-    config = common.base_config(model, latent_h=8, latent_w=8, vae_kind="patch", text_kind="words")
-    return common.apply_arg(config, arg)
+    config = defaults.base_config(model, latent_h=8, latent_w=8, vae_kind="patch", text_kind="words")
+    return defaults.apply_variants(config, arg)

@@ -17,28 +17,18 @@ path (`model.attention_blocks`), cuDNN flash attention on GPUs (`model.attention
 machine at hand (synthetic batches, random weights).
 """
 
-import importlib.util
-import os
+from adastate_jax.config import defaults
+from configs import panworld
 
 STAGES = ("teacher", "ode", "dmd")
 
 
-def _load(name):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"adastate_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg=None):
-    panworld, common = _load("panworld"), _load("common")
-    config = panworld.get_config(arg)  # stage, anchor and time layout parsed there
-    stage = config.train.objective
-    small = config
+    small = panworld.get_config(arg)  # stage, anchor and time layout parsed there
+    stage = small.train.objective
 
-    model = common.model_section(dtype="bfloat16", remat="full", attention="cudnn")  # the 1.3B shapes
-    config = common.base_config(model, latent_h=60, latent_w=104, vae_kind="wan", text_kind="umt5")
+    model = defaults.model_section(dtype="bfloat16", remat="full", attention="cudnn")  # the 1.3B shapes
+    config = defaults.base_config(model, latent_h=60, latent_w=104, vae_kind="wan", text_kind="umt5")
     config.stream = small.stream
     config.stream.latent_h, config.stream.latent_w = 60, 104
     config.stream.window_frames = 3  # Self-Forcing attends to the last chunk
@@ -47,7 +37,7 @@ def get_config(arg=None):
 
     config.data = small.data
     config.data.source = "arrayrecord"
-    config.data.paths = ()
+    config.data.paths = ("data/wan_latents",)  # launch/encode_videos.py --out
     config.data.video.num_frames = 81  # pixel frames -> 21 latent frames (launch/encode_videos.py)
     config.data.video.height, config.data.video.width = 480, 832
     config.data.worker_count = 8

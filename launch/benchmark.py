@@ -41,25 +41,20 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from adastate_jax import build  # noqa: E402
 from adastate_jax import config as config_lib  # noqa: E402
-from adastate_jax.models import wan  # noqa: E402
+from adastate_jax.config import cli  # noqa: E402
 from adastate_jax.streaming import anchors  # noqa: E402
-from adastate_jax.streaming.anchors import StreamConfig  # noqa: E402
-from adastate_jax.streaming.decoders import decoder_from_config  # noqa: E402
-from adastate_jax.streaming.rollout import Streamer  # noqa: E402
-from adastate_jax.streaming.sampler import SamplerConfig  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config (ml_collections).")
+_CONFIG = cli.define("configs/tiny.py")
 flags.DEFINE_string("policies", ",".join(anchors.POLICIES), "Comma-separated anchor policies to measure.")
 flags.DEFINE_integer("num_chunks", 128, "Chunks per measured rollout (>= 3).")
 flags.DEFINE_string("checkpoint", "", "DiT params directory (launch/convert.py --out); empty: random init.")
@@ -113,12 +108,12 @@ def latency_stats(latencies_s: np.ndarray) -> dict:
     )
 
 
-def benchmark_policy(cfg, policy, params, graphdef, model_cfg, sampler_cfg, decoder, decoder_params, table):
-    stream_cfg = StreamConfig.from_dict({**cfg.stream.to_dict(), "anchor": policy})
-    streamer = Streamer(graphdef, model_cfg, stream_cfg, sampler_cfg, decoder)
+def benchmark_policy(exp, policy, dit, decoder, decoder_params, table):
+    streamer = build.streamer(exp, dit.graphdef, decoder_=decoder, anchor=policy)
+    stream_cfg, params = streamer.stream_cfg, dit.params
     pid = jnp.int32(0)
 
-    carry = streamer.init_carry(params, table, jax.random.key(cfg.seed), decoder_params=decoder_params)
+    carry = streamer.init_carry(params, table, jax.random.key(exp.seed), decoder_params=decoder_params)
     t0 = time.perf_counter()
     compiled = streamer.jit_step.lower(params, carry, pid, table, None, decoder_params).compile()
     compile_s = time.perf_counter() - t0
@@ -183,37 +178,24 @@ def format_table(rows: list[dict]) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    cfg = _CONFIG.value
+    cfg, exp = cli.experiment(_CONFIG)
     policies = [p.strip() for p in FLAGS.policies.split(",") if p.strip()]
     bad = [p for p in policies if p not in anchors.POLICIES]
     if bad or not policies:
         raise app.UsageError(f"--policies={FLAGS.policies!r}: unknown {bad}; choose from {anchors.POLICIES}")
     if FLAGS.num_chunks < 3:
         raise app.UsageError(f"--num_chunks={FLAGS.num_chunks} must be >= 3 (first chunk + a latency slope)")
-    model_cfg = config_lib.validate(cfg, check_mesh=False)
-    sampler_cfg = SamplerConfig.from_dict(cfg.sampler.to_dict())
-    graphdef, abstract = wan.abstract_model(model_cfg)
-    if FLAGS.checkpoint:
-        from adastate_jax.models import checkpoint_io
-
-        params = checkpoint_io.load_params(FLAGS.checkpoint, abstract)
-    else:
+    if not FLAGS.checkpoint:
         print("note: no --checkpoint: random initialisation (timing does not depend on the weights)")
-        params = nnx.split(wan.create_model(model_cfg, seed=int(cfg.seed)))[1]
-    decoder, decoder_params = decoder_from_config(
-        cfg.vae, model_cfg.in_channels, FLAGS.vae_checkpoint, cfg.seed
-    )
-    batch = int(cfg.stream.batch_size)
+    dit = build.dit(exp, FLAGS.checkpoint)
+    decoder, decoder_params = build.decoder(exp, FLAGS.vae_checkpoint)
+    batch = exp.stream.batch_size
     # timing does not depend on the prompt values: a zero prompt table of the right shape
-    table = jnp.zeros((1, batch, model_cfg.text_len, model_cfg.text_dim), jnp.float32)
+    table = jnp.zeros((1, batch, exp.model.text_len, exp.model.text_dim), jnp.float32)
 
     rows = []
     for policy in policies:
-        rows.append(
-            benchmark_policy(
-                cfg, policy, params, graphdef, model_cfg, sampler_cfg, decoder, decoder_params, table
-            )
-        )
+        rows.append(benchmark_policy(exp, policy, dit, decoder, decoder_params, table))
         print(f"{policy}: median {rows[-1]['median_ms']:.3g} ms/chunk, compile {rows[-1]['compile_s']:.3g} s")
 
     device = jax.devices()[0]
@@ -224,7 +206,7 @@ def main(argv):
     print(format_table(rows))
     if FLAGS.json:
         report = dict(
-            config=json.loads(config_lib.config_to_json(cfg)),
+            config=json.loads(config_lib.to_json(cfg)),
             checkpoint=FLAGS.checkpoint or None,
             num_chunks=FLAGS.num_chunks,
             batch_size=batch,
@@ -241,4 +223,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

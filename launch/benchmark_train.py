@@ -19,7 +19,7 @@ Columns
   step_ms        median wall time of a step over `--steps` steps after `--warmup` (blocking on
                  the loss), p90 beside it
   tokens/s       latent tokens per second (batch x frames x tokens per frame / step time)
-  model_tflop    model FLOPs of one step from the architecture (`model_flops`: 3x the forward's
+  model_tflop    model FLOPs of one step from the architecture (`training.aot.step_flops`: 3x the forward's
                  matmul + attention FLOPs for flow matching; n/a for the other objectives, whose
                  step mixes rollouts, teacher and critic passes)
   mfu            model_tflop / step time / (`--peak_tflops` x devices); n/a without --peak_tflops
@@ -39,15 +39,15 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/panworld.py", "Experiment config.")
+from adastate_jax.config import cli  # noqa: E402
+
+_CONFIG = cli.define("configs/panworld.py")
 flags.DEFINE_integer("steps", 5, "Timed steps per variant.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_integer("frames", 0, "Latent frames per example (0: config.data.panworld.num_frames or 21).")
@@ -76,24 +76,6 @@ COLUMNS = (
 )
 
 
-def model_flops(model_cfg, batch: int, frames: int, tokens_per_frame: int, mask=None):
-    """FLOPs of one forward of the DiT on [batch, frames] (2 per multiply-add).
-
-    Matmuls per video token and layer: self-attention q/k/v/o (4 d^2), cross-attention q/o (2 d^2),
-    FFN (2 d f); per text token and layer the cross-attention k/v (2 d^2). Attention: QK^T and AV,
-    2 d multiply-adds per (query, allowed key) pair, i.e. 4 d FLOPs (`mask`: [F, F] frame mask of
-    the allowed key frames; None = all), plus 4 d per (query, text token). Embeddings, norms,
-    modulation and the head are left out (< 1% at Wan sizes).
-    """
-    d, f_dim, n_layers = model_cfg.dim, model_cfg.ffn_dim, model_cfg.num_layers
-    t = batch * frames * tokens_per_frame
-    dense = 2 * t * n_layers * (4 * d * d + 2 * d * d + 2 * d * f_dim)
-    text = 2 * batch * model_cfg.text_len * n_layers * 2 * d * d
-    pairs = (frames * frames if mask is None else int(np.asarray(mask, bool).sum())) * tokens_per_frame**2
-    attn = 4 * d * batch * n_layers * pairs + 4 * d * t * n_layers * model_cfg.text_len
-    return float(dense + text + attn)
-
-
 def _set(cfg, dotted: str, raw: str):
     node = cfg
     *path, last = dotted.split(".")
@@ -113,54 +95,20 @@ def _set(cfg, dotted: str, raw: str):
     node[last] = val
 
 
-def synthetic_batch(cfg, model_cfg, batch: int, frames: int, rng: np.random.Generator) -> dict:
-    sc = cfg.stream
-    shape = (batch, frames, sc.latent_h, sc.latent_w, model_cfg.in_channels)
-    out = {"latents": rng.standard_normal(shape).astype(np.float32)}
-    if cfg.text.kind == "words":
-        from adastate_jax.data.panworld import prompt_vocabulary
-
-        vocab = len(prompt_vocabulary())
-        out["prompt_ids"] = rng.integers(0, vocab, (batch, model_cfg.text_len)).astype(np.int32)
-    else:
-        out["text"] = rng.standard_normal((batch, model_cfg.text_len, model_cfg.text_dim)).astype(np.float32)
-    return out
-
-
-def random_pretrained(run):
-    """Every pretrained model of the objective, randomly initialised straight into its shardings."""
-    from adastate_jax.models import wan
-
-    out = {}
-    for i, (name, (_, shardings, _)) in enumerate(run.pretrained.items()):
-        mcfg = run.objective.pretrained()[name][0]
-
-        def make(mcfg=mcfg, seed=i):
-            return nnx.split(wan.create_model(mcfg, seed=seed))[1]
-
-        out[name] = jax.jit(make, out_shardings=shardings)()
-    return out
-
-
 def bench_variant(cfg, label: str) -> dict:
-    from adastate_jax.models import attention as attn
-    from adastate_jax.training import loop
+    from adastate_jax.training import aot, loop
 
     if cfg.train.objective in ("ode_init", "self_forcing_dmd"):
         # the teacher (and the student's init) are random here: any non-empty path passes set-up,
-        # nothing is read from it (random_pretrained)
+        # nothing is read from it (aot.random_pretrained)
         with cfg.unlocked():
             cfg.train.teacher_path = cfg.train.teacher_path or "(random)"
             cfg.train.init_from = cfg.train.init_from or "(random)"
     run = loop.setup(cfg, workdir="/tmp/benchmark_train")
-    model_cfg = run.model_cfg
-    batch = int(cfg.train.batch_size)
-    frames = FLAGS.frames or (int(cfg.data.panworld.num_frames) if cfg.data.source == "panworld" else 21)
-    local = synthetic_batch(cfg, model_cfg, batch, frames, np.random.default_rng(0))
-    rng = jax.random.key_data(jax.random.key(int(cfg.seed)))
-    init = jax.jit(run.objective.init_state, out_shardings=run.state_shardings)
-    state = init(rng, random_pretrained(run))
-    batch_arrays = loop.global_batch(run, local)
+    exp = run.exp
+    frames = aot.clip_frames(run, FLAGS.frames)
+    state = aot.init_random_state(run)
+    batch_arrays = loop.global_batch(run, aot.synthetic_batch(run, frames))
     step = loop.jit_train_step(run)
 
     t0 = time.perf_counter()
@@ -189,23 +137,14 @@ def bench_variant(cfg, label: str) -> dict:
     step_s = float(np.median(times))
     loss = float(metrics["loss"])
 
-    p = model_cfg.tokens_per_frame(cfg.stream.latent_h, cfg.stream.latent_w)
-    model_tflop = mfu = float("nan")
-    if cfg.train.objective == "flow_matching":
-        chunk = int(cfg.stream.chunk_frames)
-        kind = str(cfg.train.attention)
-        if kind == "bidirectional":
-            mask, f_seq = None, frames
-        elif kind == "diffusion_forcing":
-            mask, f_seq = attn.block_causal_mask(frames, chunk), frames
-        else:
-            w = int(cfg.train.get("tf_window", -1))
-            sink = int(cfg.train.get("tf_sink", 0))
-            mask = attn.teacher_forcing_mask(frames, chunk, None if w < 0 else w, sink)
-            f_seq = 2 * frames
-        model_tflop = 3 * model_flops(model_cfg, batch, f_seq, p, mask) / 1e12
-        if FLAGS.peak_tflops > 0:
-            mfu = model_tflop / step_s / (FLAGS.peak_tflops * jax.device_count())
+    p = exp.model.tokens_per_frame(exp.stream.latent_h, exp.stream.latent_w)
+    flops = aot.step_flops(run, frames)
+    model_tflop = float("nan") if flops is None else flops / 1e12
+    mfu = (
+        model_tflop / step_s / (FLAGS.peak_tflops * jax.device_count())
+        if FLAGS.peak_tflops > 0
+        else float("nan")
+    )
     peak_gb = float("nan")
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -215,7 +154,7 @@ def bench_variant(cfg, label: str) -> dict:
         "compile_s": compile_s,
         "step_ms": 1e3 * step_s,
         "p90_ms": 1e3 * float(np.percentile(times, 90)),
-        "tokens/s": batch * frames * p / step_s,
+        "tokens/s": exp.train.batch_size * frames * p / step_s,
         "model_tflop": model_tflop,
         "mfu": mfu,
         "xla_tflop": xla_tflop,
@@ -291,4 +230,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from absl import app, flags
-from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script from anywhere without an install
@@ -36,6 +35,7 @@ from flax import nnx  # noqa: E402
 
 from adastate_jax import config as config_lib  # noqa: E402
 from adastate_jax import sharding as shd  # noqa: E402
+from adastate_jax.config import cli  # noqa: E402
 from adastate_jax.models import checkpoint_io, umt5, vae, wan  # noqa: E402
 from adastate_jax.models.convert import ConversionError, convert_to_state, open_torch_checkpoint  # noqa: E402
 
@@ -76,28 +76,25 @@ def _umt5_detect(keys) -> str:
 MODELS: dict[str, ConvertTarget] = {
     "dit": ConvertTarget(
         rules_fn=lambda layout, cfg: wan.conversion_rules(layout),
-        abstract_fn=lambda cfg: wan.abstract_model(config_lib.model_config(cfg)),
+        abstract_fn=lambda cfg: wan.abstract_model(config_lib.parse(cfg).model),
         ignore=wan.IGNORED_KEYS,
         detect_fn=wan.detect_layout,
     ),
     "vae": ConvertTarget(
-        rules_fn=lambda layout, cfg: vae.conversion_rules(layout, config_lib.vae_config(cfg)),
-        abstract_fn=lambda cfg: vae.abstract_model(config_lib.vae_config(cfg)),
+        rules_fn=lambda layout, cfg: vae.conversion_rules(layout, config_lib.parse(cfg).vae.wan),
+        abstract_fn=lambda cfg: vae.abstract_model(config_lib.parse(cfg).vae.wan),
         ignore=vae.IGNORED_KEYS,
         detect_fn=vae.detect_layout,
     ),
     "umt5": ConvertTarget(
         rules_fn=lambda layout, cfg: umt5.conversion_rules(layout),
-        abstract_fn=lambda cfg: nnx.split(umt5.abstract_encoder(config_lib.umt5_config(cfg))),
+        abstract_fn=lambda cfg: nnx.split(umt5.abstract_encoder(config_lib.parse(cfg).text.umt5)),
         ignore=umt5.conversion_ignore,
         detect_fn=_umt5_detect,
     ),
 }
 
-_DEFAULT_CONFIG = os.path.join(REPO, "configs", "tiny.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Experiment config; config.model gives the target shapes.", lock_config=True
-)
+_CONFIG = cli.define("configs/tiny.py", help="Experiment config; config.model gives the target shapes.")
 flags.DEFINE_string("source", None, "PyTorch weights: a file (.safetensors/.pt/.pth/.bin) or a directory.")
 flags.DEFINE_enum(
     "layout",
@@ -142,9 +139,11 @@ def convert(
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
     target = MODELS[model]
-    mesh = shd.mesh_from_config(cfg.mesh) if place == "mesh" else None
-    config_lib.validate(cfg, mesh, check_mesh=mesh is not None)  # errors name config.<field>
-    rules_table = config_lib.sharding_rules(cfg)
+    exp = config_lib.parse(cfg)  # errors name config.<field>
+    mesh = shd.mesh_from_config(exp.mesh) if place == "mesh" else None
+    if mesh is not None:
+        config_lib.check_mesh(exp, config_lib.mesh_sizes(exp, mesh))
+    rules_table = exp.sharding_rules
 
     src = open_torch_checkpoint(source, use_ema=use_ema, lora_scale=lora_scale, lora_alpha=lora_alpha)
     if layout == "auto":
@@ -174,9 +173,9 @@ def convert(
         lora_alpha=lora_alpha,
         lora_scale=lora_scale,
         param_count=count,
-        param_dtype=str(cfg.model.param_dtype),
+        param_dtype=exp.model.param_dtype,
     )
-    checkpoint_io.save_params(out, params, config_lib.config_to_json(cfg), info=info, overwrite=overwrite)
+    checkpoint_io.save_params(out, params, config_lib.to_json(cfg), info=info, overwrite=overwrite)
     log(f"wrote {out} in {time.time() - start:.1f} s")
     return info
 
@@ -204,4 +203,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -46,12 +46,13 @@ import os
 import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/panworld.py:teacher", "Experiment config.")
+from adastate_jax.config import cli  # noqa: E402
+
+_CONFIG = cli.define("configs/panworld.py:teacher")
 flags.DEFINE_string("out", "", "Output directory of the ArrayRecord shards.")
 flags.DEFINE_string("vae_checkpoint", "", "config.vae.kind='wan': converted params dir or PyTorch weights.")
 flags.DEFINE_bool("random_vae", False, "config.vae.kind='wan' without weights: a random VAE (tests only).")
@@ -77,51 +78,6 @@ def _atomic_write_text(path: str, text: str) -> None:
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
-
-
-def _text_encoder(cfg, model_cfg, text_checkpoint: str):
-    from adastate_jax import config as config_lib
-    from adastate_jax import text as text_lib
-
-    kind = str(cfg.text.kind)
-    if kind == "words":
-        from adastate_jax.training.objectives.flow_matching import text_encoder
-
-        return text_encoder(cfg.train, model_cfg, int(cfg.seed))  # the trainer's frozen encoder
-    if kind == "embeddings":
-        if not cfg.text.embeddings_path:
-            raise ValueError("config.text.kind='embeddings' needs config.text.embeddings_path")
-        return text_lib.PrecomputedTextEncoder.from_file(
-            cfg.text.embeddings_path, text_len=model_cfg.text_len
-        )
-    if kind == "umt5":
-        if not text_checkpoint or not cfg.text.tokenizer_path:
-            raise ValueError("config.text.kind='umt5' needs --text_checkpoint and config.text.tokenizer_path")
-        enc = text_lib.UMT5TextEncoder.from_checkpoint(
-            text_checkpoint,
-            cfg.text.tokenizer_path,
-            config=config_lib.umt5_config(cfg),
-            text_len=model_cfg.text_len,
-        )
-        return text_lib.PromptCache(cfg.text.cache_dir, enc) if cfg.text.cache_dir else enc
-    raise ValueError(f"config.text.kind: unknown kind {kind!r}")
-
-
-def _vae(cfg, vae_checkpoint: str, random_vae: bool):
-    """(graphdef, params, module) of the configured codec."""
-    from flax import nnx
-
-    from adastate_jax.streaming import decoders
-
-    kind = str(cfg.vae.kind)
-    if kind not in ("patch", "wan"):
-        raise ValueError(f"config.vae.kind={kind!r}: encode_videos needs 'patch' or 'wan'")
-    if kind == "wan" and not vae_checkpoint and not random_vae:
-        raise ValueError("config.vae.kind='wan' needs --vae_checkpoint (or --random_vae for a smoke test)")
-    dec, params = decoders.decoder_from_config(
-        cfg.vae, int(cfg.model.in_channels), vae_checkpoint, int(cfg.seed)
-    )
-    return dec.graphdef, params, nnx.merge(dec.graphdef, params)
 
 
 def _decoded(source, indices, threads: int, lookahead: int):
@@ -176,11 +132,19 @@ def encode_videos(
         raise ValueError(f"--shard_size {shard_size} and --batch_size {batch_size} must be positive")
     if not 0 <= task_index < num_tasks:
         raise ValueError(f"--task_index {task_index} outside [0, --num_tasks {num_tasks})")
-    model_cfg = config_lib.model_config(cfg)
-    if str(cfg.data.video.get("captions", "")) == "none":
+    from adastate_jax import build
+
+    exp = config_lib.parse(cfg)
+    model_cfg = exp.model
+    if exp.data.video.captions == "none":
         raise ValueError("config.data.video.captions='none': ArrayRecord records carry text; give captions")
+    kind = exp.vae.kind
+    if kind not in ("patch", "wan"):
+        raise ValueError(f"config.vae.kind={kind!r}: encode_videos needs 'patch' or 'wan'")
+    if kind == "wan" and not vae_checkpoint and not random_vae:
+        raise ValueError("config.vae.kind='wan' needs --vae_checkpoint (or --random_vae for a smoke test)")
     t0 = time.perf_counter()
-    source = video_source.source_from_config(cfg, text="none")
+    source = video_source.source_from_config(exp, text="none")
     n_clips = len(source) if not max_clips else min(len(source), int(max_clips))
     spec = source.spec
     say = (lambda m: tqdm.write(m)) if progress else (lambda m: None)
@@ -196,7 +160,7 @@ def encode_videos(
         clip_ids_for_text = clip_ids
     captions = sorted({source.caption(i) for i in clip_ids_for_text})
     t_text = time.perf_counter()
-    encoder = _text_encoder(cfg, model_cfg, text_checkpoint)
+    encoder = build.text_encoder(exp, text_checkpoint)
     table = {}
     for s in range(0, len(captions), 64):
         part = captions[s : s + 64]
@@ -205,7 +169,7 @@ def encode_videos(
             emb, model_cfg.text_len, model_cfg.text_dim, what="text encoder output"
         )
         table.update(zip(part, emb))
-    say(f"encoded {len(captions)} distinct captions ({cfg.text.kind}) in {time.perf_counter() - t_text:.1f}s")
+    say(f"encoded {len(captions)} distinct captions ({exp.text.kind}) in {time.perf_counter() - t_text:.1f}s")
     if embeddings_out:
         text_lib.save_embeddings(embeddings_out, np.stack([table[c] for c in captions]), captions)
         say(f"wrote {len(captions)} caption embeddings to {embeddings_out}")
@@ -216,7 +180,10 @@ def encode_videos(
         return summary
 
     # --- the codec ---------------------------------------------------------------------------
-    graphdef, params, module = _vae(cfg, vae_checkpoint, random_vae)
+    from flax import nnx
+
+    module = build.vae_module(exp, vae_checkpoint)
+    graphdef, params = nnx.split(module)
     T, H, W = spec.num_frames, spec.height, spec.width
     if isinstance(module, vae_lib.WanVAE):
         try:
@@ -247,18 +214,18 @@ def encode_videos(
         files=list(source.files),
         frame_counts=[int(n) for n in source.frame_counts],
         clip=dataclasses.asdict(spec),
-        captions=str(cfg.data.video.get("captions", "")),
+        captions=exp.data.video.captions,
         num_clips=n_clips,
         shard_size=shard_size,
         num_shards=num_shards,
         vae=dict(
-            kind=str(cfg.vae.kind),
-            config=cfg.vae.config.to_dict(),
+            kind=exp.vae.kind,
+            config=cfg.vae[exp.vae.kind].to_dict(),
             checkpoint=vae_checkpoint,
             random=random_vae,
         ),
         text=dict(
-            kind=str(cfg.text.kind),
+            kind=exp.text.kind,
             identity=hashlib.sha256(encoder.cache_identity().encode()).hexdigest()[:16],
         ),
         latents=list(latent_shape),
@@ -395,4 +362,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -47,17 +47,17 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from adastate_jax.config import cli  # noqa: E402
 from adastate_jax.data import panworld  # noqa: E402
 from adastate_jax.eval import metrics  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config (ml_collections).")
+_CONFIG = cli.define("configs/tiny.py")
 flags.DEFINE_string(
     "checkpoints",
     "",
@@ -207,20 +207,6 @@ class Video:
     known_world: bool  # fidelity against the clip's world is meaningful
 
 
-def _words_table(cfg, model_cfg, prompts: list[str]) -> np.ndarray:
-    """[len(prompts), text_len, text_dim] from the PanWorld word encoder (seeded by config.seed,
-    as the model it conditions)."""
-    from adastate_jax import text as text_lib
-
-    if cfg.text.kind != "words":
-        raise app.UsageError(
-            f"config.text.kind={cfg.text.kind!r}: evaluate.py encodes PanWorld prompts with the 'words' "
-            "encoder only; roll out with launch/rollout.py and pass --videos_dir instead"
-        )
-    enc = text_lib.panworld_word_encoder(model_cfg.text_len, model_cfg.text_dim, int(cfg.seed))
-    return np.asarray(enc.encode(prompts))
-
-
 def roll_out_policies(
     cfg, policies: dict[str, str | None], clips: list[Clip], seeds: list[int], num_chunks: int
 ) -> tuple[list[Video], dict[str, np.ndarray], int]:
@@ -229,46 +215,40 @@ def roll_out_policies(
     -> (videos, attention {policy: [seed, chunk, layer, group]}, pixel frames per chunk)"""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
+    from adastate_jax import build
     from adastate_jax import config as config_lib
-    from adastate_jax.models import wan
-    from adastate_jax.streaming.anchors import StreamConfig
-    from adastate_jax.streaming.decoders import decoder_from_config
-    from adastate_jax.streaming.rollout import Streamer, attention_shares
-    from adastate_jax.streaming.sampler import SamplerConfig
+    from adastate_jax.streaming.rollout import attention_shares
 
-    if cfg.vae.kind == "none":
+    exp = config_lib.parse(cfg)
+    if exp.vae.kind == "none":
         raise app.UsageError("config.vae.kind='none': PanWorld metrics need pixels; use 'patch' or 'wan'")
+    if exp.text.kind != "words":
+        raise app.UsageError(
+            f"config.text.kind={exp.text.kind!r}: evaluate.py encodes PanWorld prompts with the 'words' "
+            "encoder only; roll out with launch/rollout.py and pass --videos_dir instead"
+        )
     batch = len(clips)
-    with cfg.unlocked():
-        cfg.stream.batch_size = batch
-    model_cfg = config_lib.validate(cfg, check_mesh=False)
-    sampler_cfg = SamplerConfig.from_dict(cfg.sampler.to_dict())
-    graphdef, abstract = wan.abstract_model(model_cfg)
-    decoder, decoder_params = decoder_from_config(
-        cfg.vae, model_cfg.in_channels, FLAGS.vae_checkpoint, cfg.seed
-    )
-    emb = _words_table(cfg, model_cfg, [c.prompt for c in clips])  # [B, T, D]
-    table = jnp.asarray(emb[None])  # [1, B, T, D]: batch element b reads clip b's prompt
+    exp = dataclasses.replace(exp, stream=dataclasses.replace(exp.stream, batch_size=batch))
+    decoder, decoder_params = build.decoder(exp, FLAGS.vae_checkpoint)
+    # batch element b reads clip b's prompt: a one-prompt table [1, B, T, D]
+    table = jnp.asarray(build.prompt_table(exp, [c.prompt for c in clips], batch=1)[:, 0][None])
     schedule = jnp.zeros((num_chunks,), jnp.int32)
 
-    random_params = None
+    random_dit = None
     videos, attention, frames_per_chunk = [], {}, 0
     bar = tqdm(total=len(policies) * len(seeds), desc="rollouts", unit="rollout")
     for policy, ckpt in policies.items():
         if ckpt:
-            from adastate_jax.models import checkpoint_io
-
-            params = checkpoint_io.load_params(ckpt, abstract)
+            dit = build.dit(exp, ckpt)
         else:
-            if random_params is None:
-                random_params = nnx.split(wan.create_model(model_cfg, seed=int(cfg.seed)))[1]
-            params = random_params
-        stream_cfg = StreamConfig.from_dict({**cfg.stream.to_dict(), "anchor": policy})
-        streamer = Streamer(
-            graphdef, model_cfg, stream_cfg, sampler_cfg, decoder, instrument=FLAGS.instrument
+            random_dit = random_dit or build.dit(exp)
+            dit = random_dit
+        params = dit.params
+        streamer = build.streamer(
+            exp, dit.graphdef, decoder_=decoder, instrument=FLAGS.instrument, anchor=policy
         )
+        stream_cfg = streamer.stream_cfg
         shares = []
         for seed in seeds:
             bar.set_postfix(policy=policy, seed=seed)
@@ -610,7 +590,7 @@ def plot_attention(path, attention, horizon_chunks, title):
 
 
 def _model_frame_size(cfg) -> tuple[int, int]:
-    factor = {"patch": int(dict(cfg.vae.config).get("patch", 2)), "wan": 8}.get(cfg.vae.kind)
+    factor = {"patch": int(cfg.vae.patch.patch), "wan": 8}.get(cfg.vae.kind)
     if factor is None:
         raise app.UsageError("config.vae.kind='none': pass --frame_size=HxW")
     return cfg.stream.latent_h * factor, cfg.stream.latent_w * factor
@@ -758,4 +738,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -37,8 +37,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,9 +51,9 @@ RESUME_IGNORES = ("teacher_path", "student_model", "sampler")
 def define_flags():
     """The command line (defined only when run as a script, so tests can import `generate`)."""
     global _CONFIG
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", "configs/panworld.py:ode", "Experiment config (ode stage)."
-    )
+    from adastate_jax.config import cli
+
+    _CONFIG = cli.define("configs/panworld.py:ode", help="Experiment config (ode stage).")
     flags.DEFINE_string(
         "out_dir", None, "Directory for metadata.json and the ArrayRecord shards.", required=True
     )
@@ -122,6 +121,7 @@ def generate(
     from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
     from flax import nnx
 
+    from adastate_jax import build
     from adastate_jax import config as config_lib
     from adastate_jax import sharding as shd
     from adastate_jax.data import pipeline
@@ -138,22 +138,22 @@ def generate(
         raise ValueError(
             "make_ode_trajectories runs in one process; run one per host into separate directories"
         )
-    if str(cfg.data.source) == "ode_trajectories":
+    exp = config_lib.parse(cfg)
+    if exp.data.source == "ode_trajectories":
         raise ValueError(
             "config.data.source='ode_trajectories': the generator needs a prompt source "
             "(panworld / arrayrecord / video), e.g. configs/panworld.py:ode without ',stored'"
         )
-    teacher_path = str(cfg.train.get("teacher_path", ""))
+    teacher_path = exp.train.teacher_path
     if not teacher_path:
         raise ValueError("config.train.teacher_path: the teacher's params dir (a WORKDIR/export) is required")
     teacher_path = os.path.abspath(teacher_path)
 
-    model_cfg = config_lib.validate(cfg, check_mesh=False)
-    obj = ode_init.OdeInit(cfg, model_cfg)  # the on-the-fly objective's teacher settings, reused
-    rules = config_lib.sharding_rules(cfg)
+    model_cfg = exp.model
+    obj = ode_init.OdeInit(exp)  # the on-the-fly objective's teacher settings, reused
+    rules = exp.sharding_rules
     if mesh is None:
-        sizes = config_lib.mesh_sizes(cfg)
-        mesh = shd.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"])
+        mesh = build.mesh(exp)
     batch_sharding = shd.named_sharding(mesh, ("batch",), rules)
     n_batch = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(batch_sharding.spec[0])] or [1]))
     if batch_size % n_batch:
@@ -162,7 +162,7 @@ def generate(
         )
 
     # --- prompts and the clip shape --------------------------------------------------------
-    source, encode = pipeline.source_and_encode(cfg)
+    source, encode = pipeline.source_and_encode(exp)
 
     def record(i: int) -> dict:
         r = source[i % len(source)]
@@ -171,13 +171,13 @@ def generate(
     first = record(0)
     if "latents" not in first:
         raise ValueError(
-            f"config.data.source={cfg.data.source!r} gives records {sorted(first)} without 'latents' "
+            f"config.data.source={exp.data.source!r} gives records {sorted(first)} without 'latents' "
             "(the clip shape); use the latent codec ('patch') or pre-encoded latents"
         )
-    fmt = tj.text_format(cfg)
+    fmt = tj.text_format(exp)
     if fmt not in first:
         raise ValueError(
-            f"config.text.kind={cfg.text.kind!r} needs '{fmt}' in the prompt records, got {sorted(first)}"
+            f"config.text.kind={exp.text.kind!r} needs '{fmt}' in the prompt records, got {sorted(first)}"
         )
     clip_shape = tuple(int(v) for v in first["latents"].shape)  # [F, h, w, C]
     prompt_shape = tuple(int(v) for v in first[fmt].shape)
@@ -195,13 +195,13 @@ def generate(
     )
     text_params = None
     if obj.text_graphdef is not None:
-        text_params = nnx.split(fm.text_encoder(cfg.train, model_cfg, int(cfg.seed)))[1]
+        text_params = nnx.split(build.word_encoder(model_cfg, exp.seed))[1]
 
     # --- metadata (written first; a rerun must match it) -----------------------------------
     counts = tj.shard_counts(num_clips, clips_per_file)
     shards = [tj.shard_name(s, len(counts)) for s in range(len(counts))]
-    src = str(cfg.data.source)  # the prompt source's own settings (clip i's prompt depends on them)
-    prompt_data = {"source": src, "paths": list(cfg.data.get("paths", ()))}
+    src = exp.data.source  # the prompt source's own settings (clip i's prompt depends on them)
+    prompt_data = {"source": src, "paths": list(exp.data.paths)}
     if src in cfg.data and hasattr(cfg.data[src], "to_dict"):
         prompt_data[src] = cfg.data[src].to_dict()
     meta = _jsonable(
@@ -219,10 +219,10 @@ def generate(
             teacher_attention=obj.teacher_layout.attention,
             chunk_frames=obj.teacher_layout.chunk_frames,
             prompt_data=prompt_data,
-            text_kind=str(cfg.text.kind),
+            text_kind=exp.text.kind,
             text_format=fmt,
             text_shape=list(prompt_shape),
-            text_encoder_seed=int(cfg.seed),
+            text_encoder_seed=exp.seed,
             clip_shape=list(clip_shape),
             trajectory_shape=list(traj_shape),
             storage_dtype=storage_dtype,
@@ -387,4 +387,6 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from adastate_jax.config import cli
+
+    cli.run(main)

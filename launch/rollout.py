@@ -18,32 +18,25 @@ import os
 import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from adastate_jax import build, video  # noqa: E402
 from adastate_jax import config as config_lib  # noqa: E402
 from adastate_jax import sharding as shd  # noqa: E402
-from adastate_jax import video  # noqa: E402
+from adastate_jax.config import cli  # noqa: E402
 from adastate_jax.models import wan  # noqa: E402
 from adastate_jax.streaming import anchors  # noqa: E402
-from adastate_jax.streaming.anchors import StreamConfig  # noqa: E402
 from adastate_jax.streaming.cache import carry_shardings  # noqa: E402
-from adastate_jax.streaming.decoders import decoder_from_config  # noqa: E402
-from adastate_jax.streaming.rollout import Streamer, attention_shares, prompt_schedule  # noqa: E402
-from adastate_jax.streaming.sampler import SamplerConfig  # noqa: E402
+from adastate_jax.streaming.rollout import attention_shares, prompt_schedule  # noqa: E402
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_REPO, "configs", "tiny.py"), "Experiment config (ml_collections)."
-)
+_CONFIG = cli.define("configs/tiny.py")
 flags.DEFINE_string("checkpoint", "", "Directory of converted/trained DiT params (launch/convert.py --out).")
 flags.DEFINE_enum("anchor", None, list(anchors.POLICIES), "Anchor policy (overrides config.stream.anchor).")
 flags.DEFINE_integer("num_chunks", 8, "Chunks to generate.")
@@ -61,49 +54,6 @@ flags.DEFINE_float("fps", 16.0, "Frames per second of the written video.")
 flags.DEFINE_integer("min_size", 256, "Upscale tiny frames (nearest) so the short side is at least this.")
 
 
-def _text_table(cfg, prompts: list[str], model_cfg: wan.WanConfig, batch: int, seed: int) -> np.ndarray:
-    """[P, B, T, text_dim] prompt embeddings for the configured text path."""
-    from adastate_jax import text as text_lib
-
-    kind = cfg.text.kind
-    if kind == "words":
-        enc = text_lib.panworld_word_encoder(model_cfg.text_len, model_cfg.text_dim, seed)
-        emb = np.asarray(enc.encode(prompts))
-    elif kind == "embeddings":
-        path = cfg.text.embeddings_path
-        if not path:
-            raise ValueError("config.text.kind='embeddings' needs config.text.embeddings_path")
-        table = text_lib.load_embeddings(path, text_len=model_cfg.text_len, text_dim=model_cfg.text_dim)
-        try:
-            idx = [int(p) for p in prompts]
-        except ValueError:
-            raise ValueError(f"with precomputed embeddings, --prompt must be row indices of {path}") from None
-        bad = [i for i in idx if not 0 <= i < table.shape[0]]
-        if bad:
-            raise ValueError(f"--prompt rows {bad} out of range for {path} ({table.shape[0]} rows)")
-        emb = table[idx]
-    elif kind == "umt5":
-        if not FLAGS.text_checkpoint or not cfg.text.tokenizer_path:
-            raise ValueError("config.text.kind='umt5' needs --text_checkpoint and config.text.tokenizer_path")
-        enc = text_lib.UMT5TextEncoder.from_checkpoint(
-            FLAGS.text_checkpoint,
-            cfg.text.tokenizer_path,
-            config=config_lib.umt5_config(cfg),
-            text_len=model_cfg.text_len,
-        )
-        if enc.encoder.config.d_model != model_cfg.text_dim:
-            raise ValueError(
-                f"config.model.text_dim={model_cfg.text_dim} but the UMT5 encoder gives "
-                f"{enc.encoder.config.d_model} features (config.text.umt5.d_model)"
-            )
-        if cfg.text.cache_dir:
-            enc = text_lib.PromptCache(cfg.text.cache_dir, enc)
-        emb = np.asarray(enc.encode(prompts))
-    else:
-        raise ValueError(f"config.text.kind: unknown kind {kind!r}")
-    return np.broadcast_to(emb[:, None], (emb.shape[0], batch, *emb.shape[1:])).copy()
-
-
 def _parse_schedule(spec: str, num_chunks: int, num_prompts: int) -> np.ndarray:
     switches = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -117,49 +67,37 @@ def _parse_schedule(spec: str, num_chunks: int, num_prompts: int) -> np.ndarray:
 
 def main(argv):
     del argv
-    cfg = _CONFIG.value
-    if FLAGS.anchor:
-        with cfg.unlocked():
-            cfg.stream.anchor = FLAGS.anchor
-    seed = cfg.seed if FLAGS.seed is None else FLAGS.seed
-    sharded = jax.device_count() > 1
-    mesh = shd.mesh_from_config(cfg.mesh) if sharded else None
-    model_cfg = config_lib.validate(cfg, mesh, check_mesh=sharded)  # errors name config.<field>
-    stream_cfg = StreamConfig.from_dict(cfg.stream.to_dict())
-    sampler_cfg = SamplerConfig.from_dict(cfg.sampler.to_dict())
+    overrides = {"stream.anchor": FLAGS.anchor} if FLAGS.anchor else {}
+    cfg, exp = cli.experiment(_CONFIG, **overrides)  # errors name config.<field>
+    seed = exp.seed if FLAGS.seed is None else FLAGS.seed
     if FLAGS.num_chunks <= 0:
         raise ValueError(f"--num_chunks must be positive, got {FLAGS.num_chunks}")
-
-    graphdef, abstract = wan.abstract_model(model_cfg)
-    if FLAGS.checkpoint or cfg.checkpoint.path:
-        from adastate_jax.models import checkpoint_io
-
-        path = FLAGS.checkpoint or cfg.checkpoint.path
-        shardings = shd.state_shardings(abstract, mesh, config_lib.sharding_rules(cfg)) if sharded else None
-        params = checkpoint_io.load_params(path, abstract, shardings)
-        print(f"loaded DiT params from {path}")
-    else:
-        print(
-            "warning: no --checkpoint: the DiT is randomly initialised (the video shows an untrained model)"
+    if os.path.splitext(FLAGS.out)[1].lower() not in video.VIDEO_EXTENSIONS:
+        raise ValueError(f"--out={FLAGS.out}: the video must be one of {video.VIDEO_EXTENSIONS}")
+    sharded = jax.device_count() > 1
+    mesh = build.mesh(exp) if sharded else None
+    if sharded:
+        config_lib.check_mesh(exp, config_lib.mesh_sizes(exp, mesh))
+        config_lib.check_batch(
+            exp, config_lib.mesh_sizes(exp, mesh), exp.stream.batch_size, "stream.batch_size"
         )
-        params = nnx.split(wan.create_model(model_cfg, seed=seed))[1]
-    print(f"DiT: {wan.param_count(params) / 1e6:.2f}M params; layout {anchors.describe_layout(stream_cfg)}")
 
-    decoder, decoder_params = decoder_from_config(cfg.vae, model_cfg.in_channels, FLAGS.vae_checkpoint, seed)
+    dit = build.dit(exp, FLAGS.checkpoint, mesh_=mesh, seed=seed)
+    print(f"DiT params: {dit.source}")
+    params = dit.params
+    print(f"DiT: {wan.param_count(params) / 1e6:.2f}M params; layout {anchors.describe_layout(exp.stream)}")
+
+    decoder, decoder_params = build.decoder(exp, FLAGS.vae_checkpoint)
     prompts = list(FLAGS.prompt)
-    # the word encoder is seeded by config.seed (as in training), not by the rollout seed
-    table = jnp.asarray(_text_table(cfg, prompts, model_cfg, stream_cfg.batch_size, cfg.seed))
+    table = jnp.asarray(build.prompt_table(exp, prompts, text_checkpoint=FLAGS.text_checkpoint))
     schedule = _parse_schedule(FLAGS.prompt_schedule, FLAGS.num_chunks, len(prompts))
 
-    streamer = Streamer(
-        graphdef, model_cfg, stream_cfg, sampler_cfg, decoder=decoder, instrument=FLAGS.instrument
-    )
+    streamer = build.streamer(exp, dit.graphdef, decoder_=decoder, instrument=FLAGS.instrument)
     carry = streamer.init_carry(
         params, table, jax.random.key(seed), prompt_id=int(schedule[0]), decoder_params=decoder_params
     )
     if sharded:  # batch over data/fsdp, heads over tensor; the same step runs on one device
-        rules = config_lib.sharding_rules(cfg)
-        params = jax.device_put(params, shd.state_shardings(abstract, mesh, rules))
+        rules = exp.sharding_rules
         carry = jax.device_put(carry, carry_shardings(carry, mesh, rules))
         table = jax.device_put(table, shd.named_sharding(mesh, (None, "batch", None, None), rules))
         print(f"mesh: {dict(mesh.shape)}")
@@ -167,7 +105,7 @@ def main(argv):
     latents, frames, states, shares, latencies = [], [], [], [], []
     t_start = time.perf_counter()
     t_prev = t_start
-    bar = tqdm(total=FLAGS.num_chunks, unit="chunk", desc=f"{stream_cfg.anchor} rollout")
+    bar = tqdm(total=FLAGS.num_chunks, unit="chunk", desc=f"{exp.stream.anchor} rollout")
     gen = streamer.stream(params, carry, [int(p) for p in schedule], table, decoder_params=decoder_params)
     for out in gen:
         jax.block_until_ready(out.latents)
@@ -179,7 +117,7 @@ def main(argv):
         if out.frames is not None:
             frames.append(np.asarray(out.frames[0]))
         if out.key_mass is not None:
-            shares.append(attention_shares(stream_cfg, np.asarray(out.key_mass)))
+            shares.append(attention_shares(exp.stream, np.asarray(out.key_mass)))
         bar.update(1)
         bar.set_postfix(chunk_s=f"{latencies[-1]:.3f}")
     bar.close()
@@ -190,7 +128,7 @@ def main(argv):
     else:
         pix = video.latents_to_rgb(lat)
     written = video.write_video(FLAGS.out, video.upscale(pix, FLAGS.min_size), fps=FLAGS.fps)
-    if FLAGS.show_state and stream_cfg.query_state_frames:
+    if FLAGS.show_state and exp.stream.query_state_frames:
         st = np.concatenate(states)
         if decoder is not None:
             import adastate_jax.models.vae as vae_lib
@@ -207,15 +145,15 @@ def main(argv):
     steady = latencies[1:] if len(latencies) > 1 else latencies
     report = dict(
         video=written,
-        config=json.loads(config_lib.config_to_json(cfg)),
-        checkpoint=FLAGS.checkpoint or cfg.checkpoint.path or None,
+        config=json.loads(config_lib.to_json(cfg)),
+        checkpoint=dit.source,
         prompts=prompts,
         prompt_schedule=[int(p) for p in schedule],
         seed=seed,
         num_chunks=FLAGS.num_chunks,
         latent_frames=int(lat.shape[0]),
         video_frames=int(pix.shape[0]),
-        layout=anchors.describe_layout(stream_cfg),
+        layout=anchors.describe_layout(exp.stream),
         chunk_latency_s=[round(x, 5) for x in latencies],
         first_chunk_s_including_compile=round(latencies[0], 4),
         steady_chunks_per_s=round(len(steady) / sum(steady), 3),
@@ -236,4 +174,4 @@ def main(argv):
 FLAGS = flags.FLAGS
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

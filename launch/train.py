@@ -17,12 +17,13 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/panworld.py:teacher", "Experiment config.")
+from adastate_jax.config import cli  # noqa: E402
+
+_CONFIG = cli.define("configs/panworld.py:teacher")
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, export).", required=True)
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection (TPU/SLURM).")
 flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process on GPU/CPU).")
@@ -62,9 +63,9 @@ def main(argv):
     from adastate_jax import config as config_lib
     from adastate_jax.training import loop
 
-    cfg = _CONFIG.value
+    cfg, _ = cli.experiment(_CONFIG)  # validated here: a bad field fails before any work
     if jax.process_index() == 0:
-        print("config:\n" + config_lib.config_to_json(cfg), flush=True)
+        print("config:\n" + config_lib.to_json(cfg), flush=True)
         print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}", flush=True)
     try:
         loop.train(cfg, FLAGS.workdir, max_steps=FLAGS.max_steps)
@@ -77,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -91,11 +91,10 @@ def _png(path, video, recon, clips: int):
 def main(argv):
     del argv
     import jax
-    import ml_collections
     import numpy as np
     from flax import nnx
 
-    from adastate_jax.data import pipeline
+    from adastate_jax import config as config_lib
     from adastate_jax.models import checkpoint_io
     from adastate_jax.models import vae as vae_lib
     from adastate_jax.training.objectives.vae import load_exported_vae
@@ -103,14 +102,14 @@ def main(argv):
     text = checkpoint_io.read_config_json(FLAGS.export)
     if text is None:
         raise SystemExit(f"{FLAGS.export}: no config.json (is it the export of a 'vae' run?)")
-    cfg = ml_collections.ConfigDict(json.loads(text))
-    train_clips = int(cfg.data.panworld.num_clips)
+    exp = config_lib.parse(config_lib.from_json(text))
+    train_clips = exp.data.panworld.num_clips
     if FLAGS.start_index < train_clips:
         raise SystemExit(
             f"--start_index={FLAGS.start_index} overlaps the training clips [0, {train_clips}) "
             "(config.data.panworld.num_clips)"
         )
-    pw_cfg = pipeline.panworld_config(cfg.data)
+    pw_cfg = exp.data.panworld
     vae_cfg, graphdef, params = load_exported_vae(FLAGS.export)
     print(f"VAE {vae_cfg}")
 

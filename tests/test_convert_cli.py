@@ -85,8 +85,8 @@ def converted(tmp_path_factory):
 
 
 def _loaded_config(out):
-    cfg = config_lib.config_from_json(checkpoint_io.read_config_json(str(out)))
-    return cfg, config_lib.model_config(cfg)
+    cfg = config_lib.from_json(checkpoint_io.read_config_json(str(out)))
+    return cfg, config_lib.parse(cfg).model
 
 
 def _inputs(b=2, f=3, h=6, w=8):

@@ -46,7 +46,9 @@ def test_convert_cli_vae_diffusers_layout_matches_direct_loader(tmp_path):
         "def get_config(arg=None):\n"
         "    c = tiny.get_config(arg)\n"
         "    c.vae.kind = 'wan'\n"
-        "    c.vae.config = dict(base_dim=8, num_res_blocks=1, dim_mult=(1, 2, 2), temporal_downsample=(True, False), latents_mean=None, latents_std=None)\n"
+        "    c.vae.wan.update(dict(base_dim=8, num_res_blocks=1, dim_mult=(1, 2, 2), temporal_downsample=(True, False)))\n"
+        "    with c.vae.wan.unlocked():\n"
+        "        c.vae.wan.latents_mean = c.vae.wan.latents_std = None\n"
         "    return c\n"
     )
     r = _run(

@@ -205,44 +205,28 @@ class LatentsArrayRecordSource(ArrayRecordSource):
 # --------------------------------------------------------------------------------------------
 
 
-def panworld_config(data_cfg) -> panworld.PanWorldConfig:
-    pw = dict(data_cfg.panworld)
-    try:
-        return panworld.PanWorldConfig(**pw)
-    except TypeError as e:
-        raise ValueError(f"config.data.panworld: {e}") from None
-
-
-def codec_spec(cfg) -> CodecSpec:
-    if cfg.vae.kind != "patch":
+def codec_spec(exp) -> CodecSpec:
+    """The PatchCodec of `config.vae.patch` with the DiT's latent channels, as a picklable spec."""
+    if exp.vae.kind != "patch":
         raise ValueError(
-            f"config.vae.kind={cfg.vae.kind!r}: the PanWorld pipeline encodes with the PatchCodec "
+            f"config.vae.kind={exp.vae.kind!r}: the PanWorld / video pipelines encode with the PatchCodec "
             "('patch'); pre-encode other VAEs into ArrayRecord latents (config.data.source='arrayrecord')"
         )
-    extra = dict(cfg.vae.config)
     return CodecSpec(
-        patch=int(extra.get("patch", 2)),
-        latent_channels=int(cfg.model.in_channels),
-        projection=str(extra.get("projection", "hadamard")),
+        patch=exp.vae.patch.patch, latent_channels=exp.model.in_channels, projection=exp.vae.patch.projection
     )
 
 
 SOURCES = ("panworld", "arrayrecord", "video", "ode_trajectories")
 
 
-def source_and_encode(cfg):
+def source_and_encode(exp):
     """(random-access source of `config.data.source`, per-record encode transform or None): the
-    unshuffled records of `make_dataset` (record i of the source is clip i)."""
-    data = cfg.data
+    unshuffled records of `make_dataset` (record i of the source is clip i). `exp`: an Experiment."""
+    data = exp.data
     if data.source == "panworld":
-        source = panworld.PanWorldSource(panworld_config(data))
-        codec = str(data.get("codec", "patch"))
-        if codec == "patch":
-            encode = EncodePanWorld(codec_spec(cfg))
-        elif codec == "none":
-            encode = PanWorldVideo()
-        else:
-            raise ValueError(f"config.data.codec: unknown codec {codec!r}; choose 'patch' or 'none'")
+        source = panworld.PanWorldSource(data.panworld)
+        encode = EncodePanWorld(codec_spec(exp)) if data.codec == "patch" else PanWorldVideo()
     elif data.source == "arrayrecord":  # files, directories or globs of .array_record shards
         from adastate_jax.data.video_source import expand_paths
 
@@ -251,26 +235,26 @@ def source_and_encode(cfg):
     elif data.source == "video":  # video files decoded, resized, optionally encoded
         from adastate_jax.data import video_source
 
-        source, encode = video_source.make_source(cfg)
+        source, encode = video_source.make_source(exp)
     elif data.source == "ode_trajectories":  # stored teacher ODE trajectories (ode_init)
         from adastate_jax.data import trajectories
 
-        source, encode = trajectories.make_source(cfg)
+        source, encode = trajectories.make_source(exp)
     else:
         raise ValueError(f"config.data.source: unknown source {data.source!r}; choose from {SOURCES}")
     return source, encode
 
 
-def make_dataset(cfg, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """The per-host IterDataset of local batches for `cfg` (see the module docstring)."""
-    data = cfg.data
-    global_batch = int(cfg.train.batch_size)
+def make_dataset(exp, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """The per-host IterDataset of local batches for the Experiment `exp` (see the module docstring)."""
+    data = exp.data
+    global_batch = int(exp.train.batch_size)
     if global_batch % process_count:
         raise ValueError(
             f"config.train.batch_size={global_batch} is not divisible by the {process_count} processes"
         )
     local_batch = global_batch // process_count
-    source, encode = source_and_encode(cfg)
+    source, encode = source_and_encode(exp)
     ds = grain.MapDataset.source(source)
     if process_count > 1:
         ds = ds[process_index::process_count]
@@ -281,9 +265,7 @@ def make_dataset(cfg, *, process_index: int = 0, process_count: int = 1) -> grai
         ds = ds.map(encode)
     ds = ds.batch(local_batch, drop_remainder=True)
     it = ds.to_iter_dataset(
-        grain.ReadOptions(
-            num_threads=int(data.get("read_threads", 1)), prefetch_buffer_size=int(data.get("prefetch", 2))
-        )
+        grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch)
     )
     workers = int(data.worker_count)
     if workers > 0:
@@ -291,6 +273,6 @@ def make_dataset(cfg, *, process_index: int = 0, process_count: int = 1) -> grai
     return it
 
 
-def make_iterator(cfg, *, process_index: int = 0, process_count: int = 1):
+def make_iterator(exp, *, process_index: int = 0, process_count: int = 1):
     """A checkpointable iterator of local batches (`get_state()` -> dict, `set_state(dict)`)."""
-    return iter(make_dataset(cfg, process_index=process_index, process_count=process_count))
+    return iter(make_dataset(exp, process_index=process_index, process_count=process_count))

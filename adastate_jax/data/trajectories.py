@@ -1,7 +1,7 @@
 """Stored teacher ODE trajectories (`config.data.source='ode_trajectories'`) for `ode_init`.
 
 Owns: the on-disk format written by `launch/make_ode_trajectories.py` and its grain source,
-`make_source(cfg) -> (source, None)`, which checks the files against the run before training.
+`make_source(exp) -> (source, None)`, which checks the files against the run before training.
 
 Directory layout (`config.data.paths`: one or more such directories, or shard files in them):
 
@@ -137,14 +137,12 @@ def serialize_record(trajectory, x0, prompt: dict, index: int, noise_seed: int, 
 # --------------------------------------------------------------------------------------------
 
 
-def student_timesteps(cfg) -> np.ndarray:
-    from adastate_jax.streaming.sampler import SamplerConfig
-
-    return np.asarray(SamplerConfig.from_dict(cfg.sampler.to_dict()).timesteps, np.float64)
+def student_timesteps(exp) -> np.ndarray:
+    return np.asarray(exp.sampler.timesteps, np.float64)
 
 
-def text_format(cfg) -> str:
-    return "prompt_ids" if str(cfg.text.kind) == "words" else "text"
+def text_format(exp) -> str:
+    return "prompt_ids" if exp.text.kind == "words" else "text"
 
 
 def read_metadata(directory: str) -> dict:
@@ -167,32 +165,33 @@ def read_metadata(directory: str) -> dict:
     return meta
 
 
-def check_metadata(cfg, meta: dict, where: str) -> None:
-    """The run `cfg` can train on trajectories described by `meta` (from `where`), else ValueError."""
+def check_metadata(exp, meta: dict, where: str) -> None:
+    """The run `exp` (an Experiment) can train on trajectories described by `meta` (from `where`),
+    else ValueError."""
 
     def bad(field, value, what, stored):
         return ValueError(
             f"{field}={value} does not match the stored trajectories: {where} has {what}={stored}"
         )
 
-    want_t = student_timesteps(cfg)
+    want_t = student_timesteps(exp)
     have_t = np.asarray(meta["sampler_timesteps"], np.float64)
     if want_t.shape != have_t.shape or not np.allclose(want_t, have_t, rtol=0, atol=1e-3):
         raise bad(
             "config.sampler.denoising_steps (with shift / warp_denoising_steps)",
-            f"{tuple(cfg.sampler.denoising_steps)} -> timesteps {np.round(want_t, 3).tolist()}",
+            f"{tuple(exp.sampler.denoising_steps)} -> timesteps {np.round(want_t, 3).tolist()}",
             "sampler_timesteps",
             np.round(have_t, 3).tolist(),
         )
     f, h, w, c = (int(v) for v in meta["clip_shape"])
     for field, value, stored in (
-        ("config.stream.latent_h", int(cfg.stream.latent_h), h),
-        ("config.stream.latent_w", int(cfg.stream.latent_w), w),
-        ("config.model.in_channels", int(cfg.model.in_channels), c),
+        ("config.stream.latent_h", exp.stream.latent_h, h),
+        ("config.stream.latent_w", exp.stream.latent_w, w),
+        ("config.model.in_channels", exp.model.in_channels, c),
     ):
         if value != stored:
             raise bad(field, value, "clip_shape [F, h, w, C]", meta["clip_shape"])
-    chunk = int(cfg.stream.chunk_frames)
+    chunk = exp.stream.chunk_frames
     if f % chunk:
         raise bad(
             "config.stream.chunk_frames",
@@ -202,18 +201,18 @@ def check_metadata(cfg, meta: dict, where: str) -> None:
         )
     if list(meta["trajectory_shape"]) != [len(have_t), f, h, w, c]:
         raise ValueError(f"{where}: trajectory_shape {meta['trajectory_shape']} disagrees with clip_shape")
-    fmt = text_format(cfg)
+    fmt = text_format(exp)
     if meta["text_format"] != fmt:
-        raise bad("config.text.kind", repr(str(cfg.text.kind)), "text_format", repr(meta["text_format"]))
-    if fmt == "prompt_ids" and int(meta["text_encoder_seed"]) != int(cfg.seed):
+        raise bad("config.text.kind", repr(exp.text.kind), "text_format", repr(meta["text_format"]))
+    if fmt == "prompt_ids" and int(meta["text_encoder_seed"]) != exp.seed:
         raise bad(
             "config.seed (builds the word encoder)",
-            int(cfg.seed),
+            exp.seed,
             "text_encoder_seed",
             meta["text_encoder_seed"],
         )
-    if fmt == "text" and int(meta["text_shape"][-1]) != int(cfg.model.text_dim):
-        raise bad("config.model.text_dim", int(cfg.model.text_dim), "text_shape", meta["text_shape"])
+    if fmt == "text" and int(meta["text_shape"][-1]) != exp.model.text_dim:
+        raise bad("config.model.text_dim", exp.model.text_dim, "text_shape", meta["text_shape"])
     if meta["storage_dtype"] not in STORAGE_DTYPES:
         raise ValueError(f"{where}: storage_dtype {meta['storage_dtype']!r} not one of {STORAGE_DTYPES}")
 
@@ -304,16 +303,16 @@ class TrajectorySource(pipeline.ArrayRecordSource):
         return {"trajectory": traj, "latents": x0, self.text_format: prompt, "index": np.int64(index)}
 
 
-def make_source(cfg):
+def make_source(exp):
     """(TrajectorySource over `config.data.paths`, None): checked against the run (module docstring)."""
-    entries = resolve_paths(cfg.data.paths)
+    entries = resolve_paths(exp.data.paths)
     first = entries[0][1]
     seen = set()
     for f, meta, _, _ in entries:
         where = os.path.join(os.path.dirname(os.path.abspath(f)), METADATA)
         if where not in seen:
             seen.add(where)
-            check_metadata(cfg, meta, where)
+            check_metadata(exp, meta, where)
             for k in ("trajectory_shape", "text_format", "storage_dtype"):
                 if meta[k] != first[k]:
                     raise ValueError(f"config.data.paths: {where} has {k}={meta[k]}, another path {first[k]}")

@@ -1,6 +1,6 @@
 """Video files as a grain data source: decoded, centre-cropped, resized, optionally PatchCodec-encoded.
 
-`config.data.source = 'video'` (`pipeline.make_dataset` calls `make_source(cfg)`). The pipeline
+`config.data.source = 'video'` (`pipeline.make_dataset` calls `make_source(exp)`). The pipeline
 around it is the one every source shares (per-host shard, shuffle, repeat, encode, batch, worker
 processes, checkpointable iterator state); this module owns the files, the clip table, decoding and
 the per-clip text.
@@ -616,38 +616,46 @@ class EncodeVideoPatch(pipeline.EncodePanWorld):
         return out
 
 
+CAPTION_MISSING = ("error", "empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoDataConfig(ClipSpec):
+    """`config.data.video`: the clip spec plus where captions come from."""
+
+    captions: str = ""  # '': <video>.txt sidecars | a .json / .jsonl file | 'none' (no text)
+    missing_caption: str = "error"  # error | empty (the empty prompt)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.missing_caption not in CAPTION_MISSING:
+            raise ValueError(
+                f"config.data.video.missing_caption: unknown {self.missing_caption!r}; "
+                f"choose {CAPTION_MISSING}"
+            )
+
+    @property
+    def clip(self) -> ClipSpec:
+        fields = {f.name for f in dataclasses.fields(ClipSpec)}
+        return ClipSpec(**{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
+
+
 # --------------------------------------------------------------------------------------------
 # From a config
 # --------------------------------------------------------------------------------------------
 
 
-def clip_spec(video_cfg) -> ClipSpec:
-    fields = {f.name for f in dataclasses.fields(ClipSpec)}
-    given = dict(video_cfg)
-    return ClipSpec(**{k: v for k, v in given.items() if k in fields})
-
-
-_VIDEO_KEYS = {f.name for f in dataclasses.fields(ClipSpec)} | {"captions", "missing_caption"}
-
-
-def source_from_config(cfg, text: str | None = None) -> VideoSource:
-    """The VideoSource of `cfg.data` ('video'). text: override what the records carry ('none',
-    'words', 'embeddings'); default from `config.text.kind` (see the module docstring)."""
-    data = cfg.data
-    if "video" not in data:
-        raise ValueError("config.data.video: missing section (see configs/panworld.py)")
-    vc = data.video
-    unknown = sorted(set(dict(vc)) - _VIDEO_KEYS)
-    if unknown:
-        raise ValueError(f"config.data.video: unknown field(s) {unknown}; known: {sorted(_VIDEO_KEYS)}")
-    spec = clip_spec(vc)
-    files = expand_paths(data.paths)
-    captions_opt = str(vc.get("captions", ""))
+def source_from_config(exp, text: str | None = None) -> VideoSource:
+    """The VideoSource of `exp.data` ('video'; `exp` an Experiment). text: override what the records
+    carry ('none', 'words', 'embeddings'); default from `config.text.kind` (see the module docstring)."""
+    vc = exp.data.video
+    spec = vc.clip
+    files = expand_paths(exp.data.paths)
     captions = None
-    if captions_opt != "none":
-        captions = load_captions(files, captions_opt, str(vc.get("missing_caption", "error")))
+    if vc.captions != "none":
+        captions = load_captions(files, vc.captions, vc.missing_caption)
     if text is None:
-        kind = str(cfg.text.kind)
+        kind = exp.text.kind
         if captions is None:
             text = "none"
         elif kind == "umt5":
@@ -661,21 +669,21 @@ def source_from_config(cfg, text: str | None = None) -> VideoSource:
             text = kind
         else:
             raise ValueError(f"config.text.kind: unknown kind {kind!r}")
-    text_len = int(cfg.model.text_len)
+    text_len = exp.model.text_len
     embeddings = None
     if text == "embeddings":
         from adastate_jax.text.embeddings import PrecomputedTextEncoder
 
-        path = str(cfg.text.embeddings_path)
+        path = exp.text.embeddings_path
         if not path:
             raise ValueError(
                 "config.text.kind='embeddings' needs config.text.embeddings_path (an .npz with prompts)"
             )
         enc = PrecomputedTextEncoder.from_file(path, text_len=text_len)
-        if enc.text_dim != int(cfg.model.text_dim):
+        if enc.text_dim != exp.model.text_dim:
             raise ValueError(
                 f"{path}: embeddings have text_dim {enc.text_dim}, "
-                f"config.model.text_dim is {cfg.model.text_dim}"
+                f"config.model.text_dim is {exp.model.text_dim}"
             )
         embeddings = {}
         for c in sorted(set(captions)):
@@ -686,19 +694,17 @@ def source_from_config(cfg, text: str | None = None) -> VideoSource:
     return VideoSource(files, spec, captions, text=text, text_len=text_len, embeddings=embeddings)
 
 
-def make_source(cfg):
+def make_source(exp):
     """`pipeline.make_dataset`'s hook: (VideoSource, encode transform or None)."""
-    codec = str(cfg.data.get("codec", "patch"))
-    if codec not in ("patch", "none"):
-        raise ValueError(f"config.data.codec: unknown codec {codec!r}; choose 'patch' or 'none'")
-    if codec == "patch" and cfg.vae.kind != "patch":
+    codec = exp.data.codec
+    if codec == "patch" and exp.vae.kind != "patch":
         raise ValueError(
             "config.data.codec='patch' encodes clips with the PatchCodec, but "
-            f"config.vae.kind={cfg.vae.kind!r}: "
+            f"config.vae.kind={exp.vae.kind!r}: "
             "pre-encode with launch/encode_videos.py (config.data.source='arrayrecord'), or use codec 'none'"
         )
-    source = source_from_config(cfg)
-    objective = str(cfg.train.get("objective", "")) if "train" in cfg else ""
+    source = source_from_config(exp)
+    objective = exp.train.objective if exp.train is not None else ""
     if source.text == "none" and objective != "vae":
         raise ValueError(
             f"config.data.video.captions='none' gives records without text; config.train.objective="
@@ -706,7 +712,7 @@ def make_source(cfg):
         )
     if codec == "none":
         return source, None
-    spec = pipeline.codec_spec(cfg)
+    spec = pipeline.codec_spec(exp)
     s = source.spec
     if s.height % spec.patch or s.width % spec.patch:
         raise ValueError(

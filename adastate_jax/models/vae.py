@@ -744,6 +744,29 @@ def _hadamard(n: int) -> np.ndarray:
     return (h / np.sqrt(n)).astype(np.float32)
 
 
+PATCH_PROJECTIONS = ("none", "hadamard")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchCodecConfig:
+    """`config.vae.patch`: the fixed PatchCodec (`config.vae.kind='patch'`). Its latent channels
+    are the DiT's `in_channels` (`config.model.in_channels`)."""
+
+    patch: int = 2  # p x p pixel patches
+    projection: str = "hadamard"  # none | hadamard (mix the channels by a fixed orthonormal matrix)
+
+    def __post_init__(self):
+        if self.patch < 1:
+            raise ValueError(f"config.vae.patch.patch: must be >= 1, got {self.patch}")
+        if self.projection not in PATCH_PROJECTIONS:
+            raise ValueError(
+                f"config.vae.patch.projection: unknown {self.projection!r}; choose from {PATCH_PROJECTIONS}"
+            )
+
+    def codec(self, latent_channels: int) -> PatchCodec:
+        return PatchCodec(self.patch, latent_channels, self.projection)
+
+
 class PatchCodec(nnx.Module):
     """A fixed codec: p x p pixel patches -> channels (zero-padded to `latent_channels`), times a
     fixed orthonormal Hadamard matrix ('hadamard') or not ('none'); decode is the exact inverse.
@@ -755,7 +778,7 @@ class PatchCodec(nnx.Module):
     decode drops what a generator puts there.
     """
 
-    PROJECTIONS = ("none", "hadamard")
+    PROJECTIONS = PATCH_PROJECTIONS
 
     def __init__(
         self, patch: int = 2, latent_channels: int = 16, projection: str = "hadamard", pixel_channels=3

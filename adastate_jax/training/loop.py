@@ -8,10 +8,8 @@ lines with steps/s, frames/s, ETA; metrics to stdout and `WORKDIR/metrics.jsonl`
 last good state, and exporting the final params to `WORKDIR/export/` (a params checkpoint that
 `launch/rollout.py --checkpoint` streams from and that later stages load).
 
-TensorBoard: no TensorBoard writer package (tensorboard / tensorboardX / tf / clu) is installed in
-this environment, so `EventFileWriter` writes the event files itself (TFRecord framing with masked
-CRC-32C, hand-encoded `Event{wall_time, step, summary{value{tag, simple_value}}}` protos) to
-`WORKDIR/tb/events.out.tfevents.*`; the same metrics also go to `WORKDIR/metrics.jsonl`.
+TensorBoard scalars go through tensorboardX to `WORKDIR/tb/events.out.tfevents.*`; the same metrics
+also go to `WORKDIR/metrics.jsonl`.
 
 Must not know: the objectives' losses, model internals or the data source's records.
 """
@@ -30,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adastate_jax import build
 from adastate_jax import config as config_lib
 from adastate_jax import sharding as shd
+from adastate_jax.config import Experiment
 from adastate_jax.data import pipeline
 from adastate_jax.models import checkpoint_io, wan
 from adastate_jax.training import checkpoint as ckpt_lib
@@ -56,105 +56,17 @@ def say(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC32C = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    c = 0xFFFFFFFF
-    for b in data:
-        c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    c = crc32c(data)
-    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(num: int, wire: int) -> bytes:
-    return _varint((num << 3) | wire)
-
-
-def _bytes_field(num: int, payload: bytes) -> bytes:
-    return _field(num, 2) + _varint(len(payload)) + payload
-
-
-def encode_scalar_event(step: int, wall_time: float, scalars: dict[str, float]) -> bytes:
-    """A tensorflow.Event proto with one simple_value per tag (hand-encoded)."""
-    import struct as pystruct
-
-    summary = b"".join(
-        _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5) + pystruct.pack("<f", float(v)))
-        for tag, v in scalars.items()
-    )
-    return (
-        _field(1, 1)
-        + pystruct.pack("<d", wall_time)
-        + _field(2, 0)
-        + _varint(int(step))
-        + _bytes_field(5, summary)
-    )
-
-
-def tfrecord(data: bytes) -> bytes:
-    import struct as pystruct
-
-    header = pystruct.pack("<Q", len(data))
-    return header + pystruct.pack("<I", _masked_crc(header)) + data + pystruct.pack("<I", _masked_crc(data))
-
-
-class EventFileWriter:
-    """TensorBoard scalars without TensorBoard: WORKDIR/tb/events.out.tfevents.<time>.<host>."""
-
-    def __init__(self, logdir: str):
-        import socket
-        import struct as pystruct
-
-        os.makedirs(logdir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self.path = os.path.join(logdir, name)
-        self._fh = open(self.path, "ab")
-        version = _field(1, 1) + pystruct.pack("<d", time.time()) + _bytes_field(3, b"brain.Event:2")
-        self._fh.write(tfrecord(version))
-        self._fh.flush()
-
-    def write(self, step: int, scalars: dict[str, float]):
-        self._fh.write(tfrecord(encode_scalar_event(step, time.time(), scalars)))
-        self._fh.flush()
-
-    def close(self):
-        self._fh.close()
-
-
 class MetricsWriter:
-    """Metrics as JSON lines in WORKDIR/metrics.jsonl and TensorBoard event files in WORKDIR/tb
-    (process 0 only)."""
+    """Metrics as JSON lines in WORKDIR/metrics.jsonl and TensorBoard scalars (tensorboardX) in
+    WORKDIR/tb (process 0 only)."""
 
     def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter
+
         self.path = os.path.join(workdir, "metrics.jsonl")
         primary = _is_primary()
         self._fh = open(self.path, "a") if primary else None
-        self._tb = EventFileWriter(os.path.join(workdir, "tb")) if primary else None
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30) if primary else None
 
     def write(self, step: int, metrics: dict):
         if self._fh is None:
@@ -162,7 +74,9 @@ class MetricsWriter:
         row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
-        self._tb.write(step, {k: v for k, v in row.items() if k != "step"})
+        for k, v in row.items():
+            if k != "step":
+                self._tb.add_scalar(k, v, int(step))
 
     def close(self):
         if self._fh is not None:
@@ -177,51 +91,44 @@ class MetricsWriter:
 
 @dataclasses.dataclass
 class Run:
-    cfg: Any
+    cfg: Any  # the ConfigDict as given (written to WORKDIR/config.json and every export)
+    exp: Experiment
     workdir: str
-    model_cfg: wan.WanConfig
     mesh: jax.sharding.Mesh
-    rules: tuple
     objective: Any
     state_shardings: Any
     abstract_state: Any
     batch_sharding: Any
     pretrained: dict  # name -> (abstract nnx.State, its shardings, path): built outside any mesh context
 
+    @property
+    def model_cfg(self) -> wan.WanConfig:
+        return self.exp.model
 
-def _validate_train(cfg, model_cfg, sizes, rules):
+    @property
+    def rules(self) -> tuple:
+        return self.exp.sharding_rules
+
+
+def check_run(exp: Experiment, sizes: dict[str, int]) -> None:
+    """The training-only rules: train/data present, the batch divides the mesh's batch axes and the
+    processes, every trained / loaded DiT divides the mesh."""
     for section in ("train", "data"):
-        if section not in cfg:
+        if getattr(exp, section) is None:
             raise ValueError(f"config.{section}: missing section (see configs/panworld.py)")
-    tc = cfg.train
-    for f in ("steps", "batch_size", "log_every", "ckpt_every", "keep"):
-        v = tc.get(f)
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if f == "steps" else 1):
-            raise ValueError(f"config.train.{f}: must be a positive int, got {v!r}")
-    batch_axes = dict(rules).get("batch")
-    axes = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
-    n = math.prod(sizes[a] for a in axes if a is not None)
-    if tc.batch_size % n:
+    config_lib.check_batch(exp, sizes, exp.train.batch_size, "train.batch_size")
+    if exp.train.batch_size % jax.process_count():
         raise ValueError(
-            f"config.train.batch_size={tc.batch_size} is not divisible by the mesh axes {batch_axes} the "
-            f"batch is sharded over (size {n}; mesh {sizes})"
+            f"config.train.batch_size={exp.train.batch_size} is not divisible by "
+            f"{jax.process_count()} processes"
         )
-    if tc.batch_size % jax.process_count():
-        raise ValueError(
-            f"config.train.batch_size={tc.batch_size} is not divisible by {jax.process_count()} processes"
-        )
-    src = cfg.data.source
-    frames = int(cfg.data[src].num_frames) if src in ("panworld", "video") and src in cfg.data else None
-    if frames is not None and frames % int(cfg.stream.chunk_frames):
-        raise ValueError(
-            f"config.data.{src}.num_frames={frames} is not a whole number of chunks "
-            f"(config.stream.chunk_frames={cfg.stream.chunk_frames})"
-        )
-    # every parameter dim against the mesh (names config.model.<field> / config.sharding_rules)
-    check = cfg.copy_and_resolve_references()
-    with check.unlocked():
-        check.stream.batch_size = int(tc.batch_size)
-    config_lib.validate_mesh(check, model_cfg, sizes, rules)
+    models = {"model": exp.model}
+    if exp.train.objective in ("ode_init", "self_forcing_dmd") and exp.teacher_model is not None:
+        models["teacher_model"] = exp.teacher_model
+    if exp.train.objective == "self_forcing_dmd" and exp.critic_model is not None:
+        models["critic_model"] = exp.critic_model
+    if exp.train.objective != "vae":
+        config_lib.check_mesh(exp, sizes, models)
 
 
 def train_seed(cfg) -> int:
@@ -229,20 +136,18 @@ def train_seed(cfg) -> int:
     `config.train.seed` when set (>= 0), else `config.seed`. `config.seed` also builds the frozen
     PanWorld word encoder, so a student must keep its teacher's `config.seed`; `train.seed` varies
     a run without changing the prompt embeddings."""
-    seed = int(cfg.train.get("seed", -1))
-    return seed if seed >= 0 else int(cfg.seed)
+    return config_lib.parse(cfg).train_seed
 
 
 def setup(cfg, workdir: str, mesh=None) -> Run:
-    model_cfg = config_lib.validate(cfg, check_mesh=False)
-    rules = config_lib.sharding_rules(cfg)
+    """Everything a run needs before its first step, from a ConfigDict (or an Experiment)."""
+    exp = config_lib.parse(cfg)
     if mesh is None:
-        sizes = config_lib.mesh_sizes(cfg)
-        mesh = shd.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"])
-    sizes = config_lib.mesh_sizes(cfg, mesh)
-    _validate_train(cfg, model_cfg, sizes, rules)
-    objective = objectives.build(cfg, model_cfg)
-    rng = jax.random.key_data(jax.random.key(train_seed(cfg)))
+        mesh = build.mesh(exp)
+    sizes = config_lib.mesh_sizes(exp, mesh)
+    check_run(exp, sizes)
+    objective = objectives.build(exp)
+    rng = jax.random.key_data(jax.random.key(exp.train_seed))
     pretrained = {}
     for name, (mcfg, path) in objective.pretrained().items():
         if not path:
@@ -250,14 +155,12 @@ def setup(cfg, workdir: str, mesh=None) -> Run:
                 f"pretrained params {name!r} have no path (config.train.init_from / teacher_path)"
             )
         abstract = wan.abstract_model(mcfg)[1]  # nnx.eval_shape: outside jax.set_mesh
-        pretrained[name] = (abstract, shd.state_shardings(abstract, mesh, rules), path)
+        pretrained[name] = (abstract, build.param_shardings(abstract, mesh, exp), path)
     loaded_abstract = {name: a for name, (a, _, _) in pretrained.items()}
     abstract_state = jax.eval_shape(objective.init_state, rng, loaded_abstract)
-    shardings = state_lib.state_shardings(abstract_state, mesh, rules)
-    batch_sharding = shd.named_sharding(mesh, ("batch",), rules)
-    return Run(
-        cfg, workdir, model_cfg, mesh, rules, objective, shardings, abstract_state, batch_sharding, pretrained
-    )
+    shardings = state_lib.state_shardings(abstract_state, mesh, exp.sharding_rules)
+    batch_sharding = shd.named_sharding(mesh, ("batch",), exp.sharding_rules)
+    return Run(cfg, exp, workdir, mesh, objective, shardings, abstract_state, batch_sharding, pretrained)
 
 
 def init_state(run: Run):
@@ -266,7 +169,7 @@ def init_state(run: Run):
     for name, (abstract, shardings, path) in run.pretrained.items():
         loaded[name] = checkpoint_io.load_params(path, abstract, shardings)
         say(f"loaded {name} from {path}")
-    rng = jax.random.key_data(jax.random.key(train_seed(run.cfg)))
+    rng = jax.random.key_data(jax.random.key(run.exp.train_seed))
     init = jax.jit(run.objective.init_state, out_shardings=run.state_shardings)
     return init(rng, loaded)
 
@@ -347,18 +250,53 @@ class _Signals:
         return bool(np.any(flags))
 
 
+def _bad_batch_record(run: Run, step: int, local: dict, metrics: dict, action: str) -> dict:
+    """What identifies a non-finite step's batch: the source and its records' indices."""
+    data = run.exp.data
+    return dict(
+        step=int(step),
+        action=action,
+        source=data.source,
+        paths=list(data.paths),
+        records=[int(i) for i in np.asarray(local.get("index", [])).reshape(-1)],
+        loss=float(metrics["loss"]),
+        grad_norm=float(metrics["grad_norm"]),
+    )
+
+
+def _append_jsonl(path: str, row: dict) -> None:
+    if _is_primary():
+        with open(path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _stopped_at(path: str, step: int) -> dict | None:
+    """The `bad_batches.jsonl` entry of a run that stopped on a non-finite batch at `step`."""
+    if not os.path.exists(path):
+        return None
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    stopped = [r for r in rows if r.get("action") == "stopped" and r.get("step") == step]
+    return stopped[-1] if stopped else None
+
+
 def train(cfg, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict:
     """Run (or resume) training in `workdir`. Returns a summary dict (final step, last metrics, ...).
 
-    max_steps: stop after this many steps in this call (tests), without the final export.
-    Raises NonFiniteError / Preempted after saving the last good state.
+    cfg: the ConfigDict (written to WORKDIR/config.json). max_steps: stop after this many steps in
+    this call (tests), without the final export. Raises NonFiniteError / Preempted after saving the
+    last good state.
+
+    A non-finite loss or gradient norm is never applied. With `train.bad_batches='stop'` (default)
+    the run saves the last good state and stops, naming the batch's records (source and indices,
+    also appended to WORKDIR/bad_batches.jsonl); a re-run resumes after that batch and says so. With
+    'skip' the step is skipped, the batch logged to WORKDIR/bad_batches.jsonl, and training goes on.
     """
     workdir = os.path.abspath(workdir)
     if _is_primary():
         os.makedirs(workdir, exist_ok=True)
-    tc = cfg.train
     run = setup(cfg, workdir, mesh)
-    config_json = config_lib.config_to_json(cfg)
+    tc = run.exp.train
+    config_json = config_lib.to_json(cfg)
     if _is_primary():
         with open(os.path.join(workdir, "config.json"), "w") as fh:
             fh.write(config_json)
@@ -369,11 +307,10 @@ def train(cfg, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict
     )
     n_params = wan.param_count(run.abstract_state.params)
     say(f"trained params: {n_params / 1e6:.3f}M ({n_params} values); model {run.model_cfg}")
+    bad_path = os.path.join(workdir, "bad_batches.jsonl")
 
     ckpt = ckpt_lib.TrainCheckpointer(
-        os.path.join(workdir, "checkpoints"),
-        keep=int(tc.keep),
-        use_async=bool(tc.get("async_checkpoints", True)),
+        os.path.join(workdir, "checkpoints"), keep=tc.keep, use_async=tc.async_checkpoints
     )
     with jax.set_mesh(run.mesh):
         state, data_state = None, None
@@ -383,20 +320,28 @@ def train(cfg, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict
                 state, step0, meta = found
                 data_state = ckpt_lib.data_state_for_this_process(meta)
                 say(f"resumed from checkpoint step {step0} ({os.path.join(ckpt.directory, str(step0))})")
+                stopped = _stopped_at(bad_path, step0)
+                if stopped is not None:
+                    say(
+                        f"note: the last run stopped on a non-finite batch at step {step0} "
+                        f"({stopped['source']} records {stopped['records']}); it is skipped now and "
+                        "will come round again next epoch (config.train.bad_batches='skip' skips and "
+                        "logs such batches)"
+                    )
         if state is None:
             state = init_state(run)
             say("initialised a fresh train state")
         data_iter = pipeline.make_iterator(
-            cfg, process_index=jax.process_index(), process_count=jax.process_count()
+            run.exp, process_index=jax.process_index(), process_count=jax.process_count()
         )
         if data_state is not None:
             data_iter.set_state(data_state)
 
         step_fn = jit_train_step(run)
         start = int(jax.device_get(state.step))
-        total = int(tc.steps)
+        total = tc.steps
         last_step = total if max_steps is None else min(total, start + int(max_steps))
-        summary = dict(start_step=start, step=start, metrics={}, workdir=workdir)
+        summary = dict(start_step=start, step=start, metrics={}, workdir=workdir, skipped=[])
         if start >= total:
             say(f"nothing to do: step {start} >= config.train.steps={total}")
             _export(run, state, config_json, workdir)
@@ -411,12 +356,11 @@ def train(cfg, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict
 
         writer = MetricsWriter(workdir)
         order_fh = None
-        if bool(tc.get("log_data_order", False)) and _is_primary():
+        if tc.log_data_order and _is_primary():
             order_fh = open(os.path.join(workdir, "data_order.jsonl"), "a")
         frames = int(run.objective.frames_per_example({k: v.shape for k, v in local.items()}))
         signals = _Signals()
         signals.install()
-        nan_at = int(tc.get("inject_nan_at", -1))
         step = start
         t_log, step_log = time.perf_counter(), step
         t_start = t_log
@@ -428,7 +372,7 @@ def train(cfg, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict
                         json.dumps({"step": step, "index": [int(i) for i in local["index"]]}) + "\n"
                     )
                     order_fh.flush()
-                if step == nan_at:  # testing hook of the non-finite guard
+                if step == tc.inject_nan_at:  # testing hook of the non-finite guard
                     key = "latents" if "latents" in batch else "video"  # 'vae' trains on pixels
                     batch = dict(batch, **{key: batch[key] * jnp.nan})
                 state, metrics_dev = compiled(state, batch)
@@ -437,18 +381,31 @@ def train(cfg, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict
                 metrics = jax.device_get(metrics_dev)
                 if not bool(metrics["finite"]):
                     good = int(jax.device_get(state.step))
-                    ckpt.save(good, state, data_state=data_state, config_json=config_json, force=True)
-                    ckpt.wait()
-                    loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
-                    raise NonFiniteError(
-                        f"non-finite loss ({loss}) or grad norm ({gnorm}) at step {step}; the update was "
-                        f"not applied and the last good state (step {good}) is saved in "
-                        f"{ckpt.directory}/{good}. Lower config.train.lr or check the data."
+                    action = "skipped" if tc.bad_batches == "skip" else "stopped"
+                    row = _bad_batch_record(run, step, local, metrics, action)
+                    _append_jsonl(bad_path, row)
+                    what = f"{row['source']} records {row['records']}"
+                    if action == "stopped":
+                        ckpt.save(good, state, data_state=data_state, config_json=config_json, force=True)
+                        ckpt.wait()
+                        raise NonFiniteError(
+                            f"non-finite loss ({row['loss']}) or grad norm ({row['grad_norm']}) at "
+                            f"step {step} on the batch of {what}; the update was not applied and the "
+                            f"last good state (step {good}) is saved in {ckpt.directory}/{good} (a re-run "
+                            f"resumes after this batch). Lower config.train.lr, check those records, or set "
+                            f"config.train.bad_batches='skip' to skip and log such batches ({bad_path})."
+                        )
+                    say(
+                        f"step {step}: non-finite loss on the batch of {what}: skipped (logged to {bad_path})"
                     )
+                    summary["skipped"].append(row)
+                    local = next(data_iter)
+                    batch = global_batch(run, local)
+                    continue
                 step += 1
                 local = next(data_iter)
                 batch = global_batch(run, local)
-                if step % int(tc.log_every) == 0 or step == last_step:
+                if step % tc.log_every == 0 or step == last_step:
                     now = time.perf_counter()
                     sps = (step - step_log) / max(now - t_log, 1e-9)
                     t_log, step_log = now, step
@@ -463,7 +420,7 @@ def train(cfg, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict
                         f"{sps * tc.batch_size * frames:.0f} frames/s | ETA {_fmt_time(eta)}"
                     )
                 # the iterator is one batch ahead: save the state of the batches consumed so far
-                if step % int(tc.ckpt_every) == 0 and step < total:
+                if step % tc.ckpt_every == 0 and step < total:
                     ckpt.save(step, state, data_state=data_state, config_json=config_json)
                 if signals.any_process():
                     ckpt.save(step, state, data_state=data_state, config_json=config_json, force=True)
@@ -501,7 +458,7 @@ def _export(run: Run, state, config_json: str, workdir: str) -> str:
         config_json,
         info=dict(
             step=int(jax.device_get(state.step)),
-            objective=str(run.cfg.train.objective),
+            objective=run.exp.train.objective,
             ema=state.ema_params is not None,
         ),
         overwrite=True,

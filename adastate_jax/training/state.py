@@ -34,17 +34,13 @@ class TrainState:
 
 
 def make_schedule(train_cfg) -> optax.Schedule:
-    """Linear warmup to `lr`, then constant or cosine decay to `lr * final_lr_fraction`."""
+    """Linear warmup to `lr`, then constant or cosine decay to `lr * final_lr_fraction`
+    (`train_cfg`: the `config.train` TrainConfig)."""
     lr, warmup, steps = float(train_cfg.lr), int(train_cfg.warmup), int(train_cfg.steps)
-    kind = str(train_cfg.get("schedule", "constant"))
-    if kind == "constant":
-        after = optax.constant_schedule(lr)
-    elif kind == "cosine":
-        after = optax.cosine_decay_schedule(
-            lr, max(1, steps - warmup), alpha=float(train_cfg.get("final_lr_fraction", 0.0))
-        )
+    if train_cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, max(1, steps - warmup), alpha=train_cfg.final_lr_fraction)
     else:
-        raise ValueError(f"config.train.schedule: unknown schedule {kind!r}; choose 'constant' or 'cosine'")
+        after = optax.constant_schedule(lr)
     if warmup <= 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
@@ -53,18 +49,18 @@ def make_schedule(train_cfg) -> optax.Schedule:
 def make_optimizer(train_cfg, lr=None, b1=None) -> optax.GradientTransformation:
     """AdamW with global-norm clipping; `lr` / `b1` override the config (the DMD critic has its own)."""
     schedule = make_schedule(train_cfg) if lr is None else _scaled(train_cfg, lr)
-    b1 = float(train_cfg.get("b1", 0.9)) if b1 is None else float(b1)
+    b1 = train_cfg.b1 if b1 is None else float(b1)
     parts = []
-    clip = float(train_cfg.get("grad_clip", 0.0))
+    clip = train_cfg.grad_clip
     if clip > 0:
         parts.append(optax.clip_by_global_norm(clip))
     parts.append(
         optax.adamw(
             schedule,
             b1=b1,
-            b2=float(train_cfg.get("b2", 0.999)),
-            eps=float(train_cfg.get("adam_eps", 1e-8)),
-            weight_decay=float(train_cfg.get("weight_decay", 0.0)),
+            b2=train_cfg.b2,
+            eps=train_cfg.adam_eps,
+            weight_decay=train_cfg.weight_decay,
         )
     )
     return optax.chain(*parts)

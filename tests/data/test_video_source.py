@@ -16,6 +16,7 @@ import pytest
 
 cv2 = pytest.importorskip("cv2")
 
+from adastate_jax.config import parse  # noqa: E402
 from adastate_jax.data import panworld, pipeline, video_source  # noqa: E402
 from adastate_jax.models.vae import PatchCodec  # noqa: E402
 from tests.training.conftest_helpers import REPO, one_device_mesh, panworld_config  # noqa: E402
@@ -91,7 +92,7 @@ def tol(name):
 def test_clip_table_and_decoded_frames_match_the_written_video(videos):
     d, vids = videos
     cfg = video_cfg([d], frame_stride=2, clip_stride=3)  # a clip spans 11 source frames
-    src = video_source.source_from_config(cfg)
+    src = video_source.source_from_config(parse(cfg))
     assert [os.path.basename(f) for f in src.files] == sorted(LENGTHS)  # a directory, sorted
     assert src.frame_counts == [20, 16, 24]
     expect = [(f, s) for f, n in LENGTHS.items() for s in range(0, n - 11 + 1, 3)]  # 4 + 2 + 5 clips
@@ -104,8 +105,8 @@ def test_clip_table_and_decoded_frames_match_the_written_video(videos):
         np.testing.assert_allclose(rec["video"], want, atol=tol(name), rtol=0)
         assert rec["index"] == i and rec["prompt_ids"].shape == (8,)
     # one clip per file, or at most 2 per file
-    assert len(video_source.source_from_config(video_cfg([d], clip_stride=0))) == 3
-    assert len(video_source.source_from_config(video_cfg([d], clip_stride=1, max_clips_per_file=2))) == 6
+    assert len(video_source.source_from_config(parse(video_cfg([d], clip_stride=0)))) == 3
+    assert len(video_source.source_from_config(parse(video_cfg([d], clip_stride=1, max_clips_per_file=2)))) == 6
 
 
 def test_paths_globs_and_files_expand_sorted_and_deduplicated(videos, tmp_path):
@@ -133,7 +134,7 @@ def test_centre_crop_then_area_resize(tmp_path):
     # through the source: a 64x96 file read at 32x32
     write_ffv1(tmp_path / "wide.avi", wide[[0, 1, 2, 0, 1, 2]])
     (tmp_path / "wide.txt").write_text("static")
-    rec = video_source.source_from_config(video_cfg([tmp_path / "wide.avi"]))[0]
+    rec = video_source.source_from_config(parse(video_cfg([tmp_path / "wide.avi"])))[0]
     want = video_source.to_float(video_source.crop_and_resize(wide[[0, 1, 2, 0, 1, 2]], 32, 32))
     np.testing.assert_array_equal(rec["video"], want)
 
@@ -160,31 +161,31 @@ def test_lying_metadata_truncated_and_corrupt_files_are_named(videos, tmp_path):
     assert 6 <= real < 20
     assert video_source.count_frames(str(trunc), "verify") == real
     assert video_source.count_frames(str(d / "a.avi"), "verify") == 20
-    src = video_source.source_from_config(video_cfg([trunc], clip_stride=1))
+    src = video_source.source_from_config(parse(video_cfg([trunc], clip_stride=1)))
     assert len(src) == real - 6 + 1
     np.testing.assert_array_equal(
         src[len(src) - 1]["video"], panworld.to_float(vids["a.avi"][0][real - 6 : real])
     )
 
     # trusting the metadata: the clip table runs past the end and the read names file and index
-    src = video_source.source_from_config(
+    src = video_source.source_from_config(parse(
         video_cfg([d / "b.avi", trunc], clip_stride=1, frame_count="metadata")
-    )
+    ))
     assert len(src) == 11 + 15
     with pytest.raises(ValueError, match=r"bad record 25: video file .*trunc\.avi, frames 14\.\.19"):
         src[25]
     # a file that changes after the table was built
-    src = video_source.source_from_config(video_cfg([trunc], clip_stride=1))
+    src = video_source.source_from_config(parse(video_cfg([trunc], clip_stride=1)))
     trunc.write_bytes(data[: len(data) // 4])
     with pytest.raises(ValueError, match=r"bad record \d+: video file .*trunc\.avi"):
         src[len(src) - 1]
     # unreadable, too short
     (tmp_path / "garbage.mp4").write_bytes(b"\x00not a video" * 100)
     with pytest.raises(ValueError, match=r"cannot open video file .*garbage\.mp4"):
-        video_source.source_from_config(video_cfg([tmp_path / "garbage.mp4"], captions="none"))
+        video_source.source_from_config(parse(video_cfg([tmp_path / "garbage.mp4"], captions="none")))
     with pytest.raises(ValueError, match=r"shorter than one clip of 31 frames.*b\.avi \(16 frames\)"):
-        video_source.source_from_config(video_cfg([d], num_frames=31))
-    src = video_source.source_from_config(video_cfg([d], num_frames=18, short_files="skip"))
+        video_source.source_from_config(parse(video_cfg([d], num_frames=31)))
+    src = video_source.source_from_config(parse(video_cfg([d], num_frames=18, short_files="skip")))
     assert [os.path.basename(src.clip(i)[0]) for i in range(len(src))] == ["a.avi", "c.mp4"]
 
 
@@ -194,7 +195,7 @@ def test_captions_sidecar_json_jsonl_missing_and_word_ids(videos, tmp_path):
         shutil.copy(d / name, tmp_path / name)
     files = [str(tmp_path / n) for n in LENGTHS]
     with pytest.raises(ValueError, match=r"3 video\(s\) have no sidecar caption.*a\.avi"):
-        video_source.source_from_config(video_cfg([tmp_path]))
+        video_source.source_from_config(parse(video_cfg([tmp_path])))
     assert video_source.load_captions(files, "", missing="empty") == ["", "", ""]
     (tmp_path / "b.txt").write_text("  pan left fast\n")
     with pytest.raises(
@@ -224,7 +225,7 @@ def test_captions_sidecar_json_jsonl_missing_and_word_ids(videos, tmp_path):
         rngs=__import__("flax").nnx.Rngs(0),
     )
     cfg = video_cfg([tmp_path], captions=str(caps))
-    src = video_source.source_from_config(cfg)
+    src = video_source.source_from_config(parse(cfg))
     for i, cap in enumerate(["static", "pan right slow", "back and forth"]):
         np.testing.assert_array_equal(
             src[src._file.tolist().index(i)]["prompt_ids"], enc.tokenize([cap])[0][0]
@@ -233,20 +234,20 @@ def test_captions_sidecar_json_jsonl_missing_and_word_ids(videos, tmp_path):
     with pytest.raises(
         ValueError, match=r"video file .*a\.avi: caption 'a cat' has word\(s\) \['a', 'cat'\]"
     ):
-        video_source.source_from_config(cfg)
+        video_source.source_from_config(parse(cfg))
     cfg.text.kind = "umt5"
     with pytest.raises(ValueError, match="encode_videos.py"):
-        video_source.source_from_config(cfg)
+        video_source.source_from_config(parse(cfg))
 
 
 def test_patch_codec_latents_equal_the_patchcodec_of_the_pixels(videos):
     d, vids = videos
     cfg = video_cfg([d / "a.avi", d / "b.avi"], batch_size=2, clip_stride=5)
     cfg.data.shuffle = False
-    batch = next(pipeline.make_iterator(cfg))
+    batch = next(pipeline.make_iterator(parse(cfg)))
     assert batch["latents"].shape == (2, 6, 8, 8, 48) and batch["prompt_ids"].shape == (2, 8)
     cfg.data.codec = "none"
-    pixels = next(pipeline.make_iterator(cfg))
+    pixels = next(pipeline.make_iterator(parse(cfg)))
     assert pixels["video"].shape == (2, 6, 32, 32, 3) and "latents" not in pixels
     np.testing.assert_array_equal(batch["index"], pixels["index"])
     np.testing.assert_array_equal(
@@ -257,13 +258,13 @@ def test_patch_codec_latents_equal_the_patchcodec_of_the_pixels(videos):
     np.testing.assert_array_equal(batch["latents"], np.asarray(PatchCodec(4, 48, "none").encode(written)))
     cfg.data.video.captions = "none"  # pixels without text: the 'vae' objective only
     with pytest.raises(ValueError, match="needs captions"):
-        pipeline.make_iterator(cfg)
+        pipeline.make_iterator(parse(cfg))
     cfg.train.objective = "vae"
-    assert set(next(pipeline.make_iterator(cfg))) == {"video", "index"}
+    assert set(next(pipeline.make_iterator(parse(cfg)))) == {"video", "index"}
     cfg.data.codec = "patch"
     cfg.vae.kind = "wan"
     with pytest.raises(ValueError, match="encode_videos.py"):
-        pipeline.make_iterator(cfg)
+        pipeline.make_iterator(parse(cfg))
 
 
 def _indices(it, n):
@@ -274,14 +275,14 @@ def test_shuffle_is_deterministic_and_host_shards_are_disjoint_and_cover(videos)
     d, _ = videos
     cfg = video_cfg([d], batch_size=4, clip_stride=4)  # 4 + 3 + 5 = 12 clips
     cfg.data.codec = "none"
-    assert len(video_source.source_from_config(cfg)) == 12
-    first = _indices(pipeline.make_iterator(cfg), 3)
+    assert len(video_source.source_from_config(parse(cfg))) == 12
+    first = _indices(pipeline.make_iterator(parse(cfg)), 3)
     assert sorted(first) == list(range(12)) and list(first) != list(range(12))  # one shuffled epoch
-    np.testing.assert_array_equal(_indices(pipeline.make_iterator(cfg), 3), first)
+    np.testing.assert_array_equal(_indices(pipeline.make_iterator(parse(cfg)), 3), first)
     cfg.data.seed = 1
-    assert list(_indices(pipeline.make_iterator(cfg), 3)) != list(first)
+    assert list(_indices(pipeline.make_iterator(parse(cfg)), 3)) != list(first)
     # 2 hosts, local batch 2: one epoch is 3 batches per host
-    shards = [_indices(pipeline.make_iterator(cfg, process_index=h, process_count=2), 3) for h in range(2)]
+    shards = [_indices(pipeline.make_iterator(parse(cfg), process_index=h, process_count=2), 3) for h in range(2)]
     assert all(len(set(s)) == 6 for s in shards)
     assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) == set(range(12))
 
@@ -289,13 +290,13 @@ def test_shuffle_is_deterministic_and_host_shards_are_disjoint_and_cover(videos)
 def test_iterator_state_resumes_to_identical_batches(videos):
     d, _ = videos
     cfg = video_cfg([d], batch_size=2, clip_stride=4)
-    it = pipeline.make_iterator(cfg)
+    it = pipeline.make_iterator(parse(cfg))
     for _ in range(2):
         next(it)
     state = it.get_state()
     json.dumps(state)  # checkpointable as JSON
     expected = [next(it) for _ in range(5)]  # crosses the epoch boundary (12 clips)
-    again = pipeline.make_iterator(cfg)
+    again = pipeline.make_iterator(parse(cfg))
     again.set_state(state)
     for want in expected:
         got = next(again)
@@ -306,9 +307,9 @@ def test_iterator_state_resumes_to_identical_batches(videos):
 def test_worker_process_gives_the_same_batches(videos):
     d, _ = videos
     cfg = video_cfg([d], batch_size=2, clip_stride=4)
-    want = [next(it) for it in [pipeline.make_iterator(cfg)] for _ in range(3)]
+    want = [next(it) for it in [pipeline.make_iterator(parse(cfg))] for _ in range(3)]
     cfg.data.worker_count = 1
-    it = pipeline.make_iterator(cfg)
+    it = pipeline.make_iterator(parse(cfg))
     got = [next(it) for _ in range(3)]
     for g, w in zip(got, want):
         for k in w:
@@ -365,11 +366,10 @@ def test_encode_videos_writes_arrayrecord_shards_that_train_reads(videos, tmp_pa
     ]
     ar = pipeline.LatentsArrayRecordSource(summary["paths"])
     assert len(ar) == 12
-    src = video_source.source_from_config(cfg)
-    from adastate_jax import config as config_lib
-    from adastate_jax.training.objectives.flow_matching import text_encoder
+    src = video_source.source_from_config(parse(cfg))
+    from adastate_jax import build
 
-    words = text_encoder(cfg.train, config_lib.model_config(cfg), int(cfg.seed))
+    words = build.text_encoder(parse(cfg))
     for i in (0, 7, 11):
         rec = ar[i]
         assert rec["latents"].shape == (6, 8, 8, 48) and rec["text"].shape == (8, 32)
@@ -387,7 +387,7 @@ def test_encode_videos_writes_arrayrecord_shards_that_train_reads(videos, tmp_pa
     cfg_ar = video_cfg([d])
     cfg_ar.data.source = "arrayrecord"
     cfg_ar.data.paths = tuple(summary["paths"])
-    batch = next(pipeline.make_iterator(cfg_ar))
+    batch = next(pipeline.make_iterator(parse(cfg_ar)))
     assert batch["latents"].shape == (2, 6, 8, 8, 48) and batch["text"].shape == (2, 8, 32)
     # re-running resumes (complete shards are kept); other settings need --overwrite
     again = tool.encode_videos(cfg, out, shard_size=5, batch_size=4, progress=False)
@@ -397,7 +397,7 @@ def test_encode_videos_writes_arrayrecord_shards_that_train_reads(videos, tmp_pa
     # the caption table feeds the video source with text.kind='embeddings'
     cfg.text.kind = "embeddings"
     cfg.text.embeddings_path = emb_path
-    rec = video_source.source_from_config(cfg)[7]
+    rec = video_source.source_from_config(parse(cfg))[7]
     np.testing.assert_allclose(rec["text"], ar[7]["text"], rtol=0, atol=0)
     assert "prompt_ids" not in rec
 
@@ -405,23 +405,15 @@ def test_encode_videos_writes_arrayrecord_shards_that_train_reads(videos, tmp_pa
 @pytest.mark.slow  # compiling the Wan VAE encoder takes ~10-40 s on 2 shared CPU cores
 def test_encode_videos_with_a_wan_vae(videos, tmp_path):
     pytest.importorskip("array_record")
-    import ml_collections
 
     tool = _encode_videos_module()
     d, _ = videos
     cfg = video_cfg([d / "a.avi"], num_frames=9, clip_stride=8)  # 2 clips of 9 = 1 + 2 * 4 frames
     cfg.vae.kind = "wan"
-    cfg.vae.config = ml_collections.ConfigDict(
-        dict(
-            base_dim=8,
-            z_dim=8,
-            dim_mult=(1, 2, 2),
-            num_res_blocks=1,
-            temporal_downsample=(False, True),
-            latents_mean=None,
-            latents_std=None,
-        )
-    )
+    w = cfg.vae.wan
+    w.base_dim, w.z_dim, w.dim_mult, w.num_res_blocks, w.temporal_downsample = 8, 8, (1, 2, 2), 1, (False, True)
+    with w.unlocked():
+        w.latents_mean = w.latents_std = None
     cfg.model.in_channels = cfg.model.out_channels = 8
     with pytest.raises(ValueError, match="--vae_checkpoint"):
         tool.encode_videos(cfg, str(tmp_path / "x"), progress=False)

@@ -35,9 +35,10 @@ def _tiny_config():
 @pytest.fixture(scope="module")
 def setup():
     cfg = _tiny_config()
-    mesh = shd.mesh_from_config(cfg.mesh)
-    model_cfg = config_lib.validate(cfg, mesh)
-    rules = config_lib.sharding_rules(cfg)
+    exp = config_lib.parse(cfg)
+    mesh = shd.mesh_from_config(exp.mesh)
+    config_lib.check_mesh(exp, config_lib.mesh_sizes(exp, mesh))
+    model_cfg, rules = exp.model, exp.sharding_rules
     graphdef, params, shardings = wan.create_sharded(model_cfg, mesh, rules, seed=5)
     one = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     _, params_one, _ = wan.create_sharded(model_cfg, one, rules, seed=5)
@@ -162,4 +163,6 @@ def test_abstract_and_created_models_work_inside_a_mesh_context():
         _, abstract = wan_.abstract_model(wan_.WanConfig.tiny())
         _, params, _ = wan_.create_sharded(wan_.WanConfig.tiny(), mesh)
     assert abstract["blocks"]["self_attn"]["q"]["kernel"].shape == (2, 64, 64)
-    assert params["blocks"]["self_attn"]["q"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert params["blocks"]["self_attn"]["q"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor"
+    )

@@ -76,27 +76,20 @@ def test_patch_codec_in_carry_emits_one_frame_per_latent(setup):
     np.testing.assert_allclose(np.asarray(outs.frames[1]), np.asarray(ref), atol=1e-6)
 
 
-def test_decoder_from_config_reads_our_params_checkpoint(tmp_path):
+def test_build_decoder_reads_our_params_checkpoint(tmp_path):
     """`config.vae.kind='wan'` + a params checkpoint dir (convert --model=vae, or a `vae` training
     export) gives the same decoder as the module it was saved from."""
-    import ml_collections
+    import dataclasses
 
+    from adastate_jax import build
+    from adastate_jax.config import Experiment, VAEConfig
     from adastate_jax.models import checkpoint_io
-    from adastate_jax.streaming.decoders import decoder_from_config
 
     vcfg, module = _random_vae()
     graphdef, params = nnx.split(module)
     checkpoint_io.save_params(str(tmp_path / "vae"), params)
-    extra = dict(
-        base_dim=8,
-        num_res_blocks=1,
-        dim_mult=(1, 2),
-        temporal_downsample=(True,),
-        latents_mean=None,
-        latents_std=None,
-    )
-    vae_cfg = ml_collections.ConfigDict(dict(kind="wan", config=extra))
-    decoder, dparams = decoder_from_config(vae_cfg, 16, str(tmp_path / "vae"))
+    exp = dataclasses.replace(Experiment(), vae=VAEConfig(kind="wan", wan=vcfg))
+    decoder, dparams = build.decoder(exp, str(tmp_path / "vae"))
     z = jax.random.normal(jax.random.key(0), (1, 2, LAT, LAT, 16))
     np.testing.assert_array_equal(
         np.asarray(vae.decode(decoder.graphdef, dparams, z)), np.asarray(vae.decode(graphdef, params, z))

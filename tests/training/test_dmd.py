@@ -12,9 +12,7 @@ from flax import nnx
 from adastate_jax import config as config_lib
 from adastate_jax.models import checkpoint_io, wan
 from adastate_jax.streaming import sampler as smp_lib
-from adastate_jax.streaming.anchors import StreamConfig
 from adastate_jax.streaming.rollout import Streamer
-from adastate_jax.streaming.sampler import SamplerConfig
 from adastate_jax.training import loop
 from adastate_jax.training.checkpoint import TrainCheckpointer
 from adastate_jax.training.objectives import dmd
@@ -34,7 +32,7 @@ def _sized(cfg, dim, heads):
 
 
 def _wan(section) -> wan.WanConfig:
-    return config_lib.model_config(ml_collections.ConfigDict({"model": section}))
+    return config_lib.parse(ml_collections.ConfigDict({"model": section})).model
 
 
 def _export(path, section, seed):
@@ -94,14 +92,13 @@ def test_dmd_with_student_teacher_and_critic_of_three_sizes(tmp_path):
 
 def test_differing_critic_needs_a_path_or_an_explicit_random_init(tmp_path):
     cfg = _three_size_config(tmp_path)
-    mcfg = _wan(cfg.model)
     with pytest.raises(ValueError) as e:
-        dmd.SelfForcingDMD(cfg, mcfg)
+        dmd.SelfForcingDMD(config_lib.parse(cfg))
     for needle in ("config.critic_model", "config.train.critic_path", "critic_init='random'"):
         assert needle in str(e.value)
 
     cfg.train.critic_init = "random"
-    obj = dmd.SelfForcingDMD(cfg, mcfg)
+    obj = dmd.SelfForcingDMD(config_lib.parse(cfg))
     assert "critic" not in obj.pretrained()
     loaded = {"teacher": wan.abstract_model(obj.teacher_cfg)[1]}
     abstract = jax.eval_shape(obj.init_state, jax.random.key(0), loaded)
@@ -109,14 +106,14 @@ def test_differing_critic_needs_a_path_or_an_explicit_random_init(tmp_path):
 
     cfg.train.critic_path = str(tmp_path / "critic")
     with pytest.raises(ValueError, match="critic_path and config.train.critic_init='random'"):
-        dmd.SelfForcingDMD(cfg, mcfg)
+        dmd.SelfForcingDMD(config_lib.parse(cfg))
     cfg.train.critic_init = "scratch"
     with pytest.raises(ValueError, match="config.train.critic_init: unknown 'scratch'"):
-        dmd.SelfForcingDMD(cfg, mcfg)
+        dmd.SelfForcingDMD(config_lib.parse(cfg))
     cfg.train.critic_init = "teacher"
     cfg.critic_model.depth = 3
-    with pytest.raises(ValueError, match=r"config\.critic_model: .*model\.depth: unknown field"):
-        dmd.SelfForcingDMD(cfg, mcfg)
+    with pytest.raises(ValueError, match=r"config\.critic_model\.depth: unknown field"):
+        dmd.SelfForcingDMD(config_lib.parse(cfg))
 
 
 def test_critic_path_of_the_wrong_shape_is_named(tmp_path):
@@ -139,7 +136,7 @@ def test_critic_defaults_to_a_copy_of_the_teacher(tmp_path):
             del cfg["critic_model"]
         if critic_model is not None:
             cfg.critic_model = critic_model
-        obj = dmd.SelfForcingDMD(cfg, _wan(cfg.model))
+        obj = dmd.SelfForcingDMD(config_lib.parse(cfg))
         assert obj.critic_cfg == obj.teacher_cfg != obj.model_cfg
         state = obj.init_state(jax.random.key(0), {"teacher": teacher})
         for a, b in zip(jax.tree.leaves(state.critic_params), jax.tree.leaves(teacher)):
@@ -201,13 +198,9 @@ def _train_teacher(mcfg, seed, steps=150):
 def _sampler(cfg, n=32):
     """params -> per-channel (mean, std) of streamed samples of a fixed batch of seeds and prompts,
     from a Streamer built here (not the objective's) with the full denoising list."""
-    mcfg = config_lib.model_config(cfg)
-    streamer = Streamer(
-        wan.abstract_model(mcfg)[0],
-        mcfg,
-        StreamConfig.from_dict(cfg.stream.to_dict()),
-        SamplerConfig.from_dict(cfg.sampler.to_dict()),
-    )
+    exp = config_lib.parse(cfg)
+    mcfg = exp.model
+    streamer = Streamer(wan.abstract_model(mcfg)[0], mcfg, exp.stream, exp.sampler)
     text = jax.random.normal(jax.random.key(11), (1, n, mcfg.text_len, mcfg.text_dim))
 
     def sample(p):
@@ -232,7 +225,7 @@ def _distance(a, b):
 def _dmd_distances(teacher, stats, seed, lr, steps=40):
     """Distance of the student's samples to the teacher's before and after `steps` DMD steps."""
     cfg = _tiny_dmd_config(lr)
-    obj = dmd.SelfForcingDMD(cfg, config_lib.model_config(cfg))
+    obj = dmd.SelfForcingDMD(config_lib.parse(cfg))
     student = jax.tree.map(jnp.copy, teacher)
     student["head"]["bias"].value = teacher["head"]["bias"][...] + SHIFT
     state = obj.init_state(jax.random.key(seed), {"params": student, "teacher": teacher})
@@ -254,7 +247,7 @@ def test_dmd_pulls_a_shifted_student_onto_the_teachers_samples(seed):
     seeds and prompts, must drop by more than half within 40 DMD steps; with the generator's
     learning rate at 0 (the critic still trains) it must not."""
     cfg = _tiny_dmd_config(3e-4)
-    teacher = _train_teacher(config_lib.model_config(cfg), seed)
+    teacher = _train_teacher(config_lib.parse(cfg).model, seed)
     stats = _sampler(cfg)
     before, after = _dmd_distances(teacher, stats, seed, lr=3e-4)
     assert before > 0.5, before  # the shift is visible in the samples
@@ -274,7 +267,7 @@ def test_teacher_forcing_scores_use_the_clean_sample_as_context():
     from adastate_jax.training.objectives.ode_init import guided_clip_velocity
 
     cfg = _tiny_dmd_config(1e-3)
-    mcfg = config_lib.model_config(cfg)
+    mcfg = config_lib.parse(cfg).model
     graphdef, params = nnx.split(wan.create_model(mcfg, seed=1))
     k = jax.random.split(jax.random.key(2), 4)
     x = jax.random.normal(k[0], (2, 6, 2, 2, 4))
@@ -293,7 +286,7 @@ def test_teacher_forcing_scores_use_the_clean_sample_as_context():
     # uses the student's detached sample as its clean context too)
     cfg.train.teacher_attention = "teacher_forcing"
     cfg.train.teacher_guidance = 2.0
-    obj = dmd.SelfForcingDMD(cfg, mcfg)
+    obj = dmd.SelfForcingDMD(config_lib.parse(cfg))
     state = obj.init_state(jax.random.key(0), {"params": params, "teacher": params})
     batch = {"latents": jnp.zeros((2, 6, 2, 2, 4)), "text": text}
     state, metrics = jax.jit(obj.train_step).lower(state, batch).compile(FAST)(state, batch)

@@ -1,12 +1,26 @@
-"""The hand-written TensorBoard event files parse as tensorflow.Event protos (checked with a
-protobuf schema built here: summary.proto / event.proto field numbers) and carry valid
-TFRecord CRC-32C framing."""
+"""The train loop's TensorBoard event files (written through tensorboardX) parse as
+tensorflow.Event protos (checked with a protobuf schema built here: summary.proto / event.proto
+field numbers) and carry valid TFRecord CRC-32C framing."""
 
+import glob
+import json
+import os
 import struct
 
 import pytest
 
 from adastate_jax.training import loop
+
+
+def _masked_crc(data: bytes) -> int:
+    """TFRecord's masked CRC-32C, computed bit by bit here (an independent check of the framing)."""
+    c = 0xFFFFFFFF
+    for b in data:
+        c ^= b
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+    c ^= 0xFFFFFFFF
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _event_class():
@@ -36,26 +50,25 @@ def _records(path):
     while i < len(data):
         (n,) = struct.unpack("<Q", data[i : i + 8])
         (hcrc,) = struct.unpack("<I", data[i + 8 : i + 12])
-        assert hcrc == loop._masked_crc(data[i : i + 8])
+        assert hcrc == _masked_crc(data[i : i + 8])
         payload = data[i + 12 : i + 12 + n]
         (dcrc,) = struct.unpack("<I", data[i + 12 + n : i + 16 + n])
-        assert dcrc == loop._masked_crc(payload)
+        assert dcrc == _masked_crc(payload)
         out.append(payload)
         i += 16 + n
     return out
 
 
-def test_event_file_parses_as_tensorflow_events(tmp_path):
-    assert loop.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    w = loop.EventFileWriter(str(tmp_path))
+def test_metrics_writer_event_file_parses_as_tensorflow_events(tmp_path):
+    w = loop.MetricsWriter(str(tmp_path))
     w.write(7, {"loss": 0.25, "grad_norm": 1.5})
     w.write(300, {"loss": 0.125})
     w.close()
+    (path,) = glob.glob(os.path.join(str(tmp_path), "tb", "events.out.tfevents.*"))
     Event = _event_class()
-    events = [Event.FromString(r) for r in _records(w.path)]
+    events = [Event.FromString(r) for r in _records(path)]
     assert events[0].file_version == "brain.Event:2"
-    assert events[1].step == 7 and {v.tag: v.simple_value for v in events[1].summary.value} == {
-        "loss": 0.25,
-        "grad_norm": 1.5,
-    }
-    assert events[2].step == 300 and events[2].summary.value[0].simple_value == 0.125
+    scalars = [(e.step, v.tag, v.simple_value) for e in events[1:] for v in e.summary.value]
+    assert sorted(scalars) == sorted([(7, "loss", 0.25), (7, "grad_norm", 1.5), (300, "loss", 0.125)])
+    rows = [json.loads(line) for line in open(os.path.join(str(tmp_path), "metrics.jsonl"))]
+    assert rows == [{"step": 7, "loss": 0.25, "grad_norm": 1.5}, {"step": 300, "loss": 0.125}]

@@ -100,7 +100,7 @@ def test_truncated_gradient_through_adastate_carry(tmp_path, random_teacher):
         cfg.sampler.denoising_steps = (1000,)
         from adastate_jax import config as config_lib
 
-        obj = dmd.SelfForcingDMD(cfg, config_lib.validate(cfg, check_mesh=False))
+        obj = dmd.SelfForcingDMD(config_lib.parse(cfg))
         params = checkpoint_io.load_params(random_teacher, wan.abstract_model(obj.model_cfg)[1])
         text = jnp.ones((1, 8, 32), jnp.float32)
 
@@ -120,4 +120,4 @@ def test_ode_init_refuses_a_teacher_forcing_trajectory_layout():
     cfg = panworld_config("ode", teacher_path="unused")
     cfg.train.teacher_attention = "teacher_forcing"
     with pytest.raises(ValueError, match="config.train.teacher_attention='teacher_forcing'"):
-        OdeInit(cfg, config_lib.model_config(cfg))
+        OdeInit(config_lib.parse(cfg))

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from adastate_jax import build
 from adastate_jax import config as config_lib
-from adastate_jax.data import panworld, pipeline
+from adastate_jax.data import panworld
 from adastate_jax.data import trajectories as tj
 from adastate_jax.models import checkpoint_io, wan
 from adastate_jax.training import loop
@@ -58,7 +59,7 @@ def teacher(tmp_path_factory):
     """A random (non-zero head) DiT of the PanWorld config, exported like a teacher run."""
     cfg = _cfg()
     cfg.model.zero_init_head = False
-    mcfg = config_lib.model_config(cfg)
+    mcfg = config_lib.parse(cfg).model
     params = nnx.split(wan.create_model(mcfg, seed=1))[1]
     path = str(tmp_path_factory.mktemp("teacher") / "export")
     checkpoint_io.save_params(path, params)
@@ -90,11 +91,11 @@ def test_record_equals_teacher_trajectory_from_its_seed_and_prompt(stored, teach
         noise_seed, index = int(z["noise_seed"]), int(z["index"])
     r.close()
     assert (noise_seed, index) == (SEED, clip)
-    pw = panworld.PanWorldSource(pipeline.panworld_config(cfg.data))[clip]
+    pw = panworld.PanWorldSource(config_lib.parse(cfg).data.panworld)[clip]
     np.testing.assert_array_equal(rec["prompt_ids"], pw["prompt_ids"])  # clip i = prompt record i
 
-    obj = ode_init.OdeInit(_cfg(teacher_path=teacher[0]), config_lib.model_config(cfg))
-    text_params = nnx.split(fm.text_encoder(cfg.train, obj.model_cfg, int(cfg.seed)))[1]
+    obj = ode_init.OdeInit(config_lib.parse(_cfg(teacher_path=teacher[0])))
+    text_params = nnx.split(build.word_encoder(obj.model_cfg, int(cfg.seed)))[1]
 
     @jax.jit
     def recompute(params, ids):
@@ -113,14 +114,14 @@ def test_record_equals_teacher_trajectory_from_its_seed_and_prompt(stored, teach
 
 def test_stored_and_on_the_fly_losses_agree_on_the_same_trajectory(teacher):
     cfg = _cfg(teacher_path=teacher[0])
-    mcfg = config_lib.model_config(cfg)
-    fly = ode_init.OdeInit(cfg, mcfg)
-    sto = ode_init.OdeInit(_stored_cfg("unused"), mcfg)
+    mcfg = config_lib.parse(cfg).model
+    fly = ode_init.OdeInit(config_lib.parse(cfg))
+    sto = ode_init.OdeInit(config_lib.parse(_stored_cfg("unused")))
     assert not fly.stored and sto.stored
     student = nnx.split(wan.create_model(dataclasses.replace(mcfg, zero_init_head=False), seed=3))[1]
-    text_params = nnx.split(fm.text_encoder(cfg.train, mcfg, int(cfg.seed)))[1]
+    text_params = nnx.split(build.word_encoder(mcfg, int(cfg.seed)))[1]
     prompt_ids = np.stack(
-        [panworld.PanWorldSource(pipeline.panworld_config(cfg.data))[i]["prompt_ids"] for i in (0, 1)]
+        [panworld.PanWorldSource(config_lib.parse(cfg).data.panworld)[i]["prompt_ids"] for i in (0, 1)]
     )
     shape = (2, 6, 8, 8, 48)
     key = jax.random.key(11)

@@ -4,6 +4,7 @@ resume, ArrayRecord latents (writer + source), bad records named by file and ind
 import numpy as np
 import pytest
 
+from adastate_jax.config import parse
 from adastate_jax.data import pipeline
 from adastate_jax.models.vae import PatchCodec
 from tests.training.conftest_helpers import panworld_config
@@ -11,7 +12,7 @@ from tests.training.conftest_helpers import panworld_config
 
 def test_panworld_batches_are_codec_latents_and_iterator_state_resumes_exactly():
     cfg = panworld_config("teacher", batch_size=2)
-    it = pipeline.make_iterator(cfg)
+    it = pipeline.make_iterator(parse(cfg))
     first = next(it)
     assert first["latents"].shape == (2, 6, 8, 8, 48) and first["prompt_ids"].shape == (2, 4)
     # the codec is exactly invertible: decoding gives back PanWorld frames in [-1, 1]
@@ -19,7 +20,7 @@ def test_panworld_batches_are_codec_latents_and_iterator_state_resumes_exactly()
     assert frames.shape == (2, 6, 32, 32, 3) and np.abs(frames).max() <= 1.0
     state = it.get_state()
     expected = [next(it)["index"] for _ in range(3)]
-    again = pipeline.make_iterator(cfg)
+    again = pipeline.make_iterator(parse(cfg))
     again.set_state(state)
     np.testing.assert_array_equal(np.stack([next(again)["index"] for _ in range(3)]), np.stack(expected))
 
@@ -29,7 +30,7 @@ def test_hosts_read_disjoint_shards():
     cfg.data.panworld.num_clips = 64
     seen = [
         np.concatenate([next(it)["index"] for _ in range(4)])
-        for it in (pipeline.make_iterator(cfg, process_index=i, process_count=2) for i in range(2))
+        for it in (pipeline.make_iterator(parse(cfg), process_index=i, process_count=2) for i in range(2))
     ]
     assert not set(seen[0]) & set(seen[1])
     assert all(len(set(s)) == len(s) for s in seen)
@@ -52,7 +53,7 @@ def test_arrayrecord_latents_roundtrip_and_bad_record_names_file_and_index(tmp_p
     cfg = panworld_config("teacher", batch_size=2)
     cfg.data.source = "arrayrecord"
     cfg.data.paths = (path,)
-    batch = next(pipeline.make_iterator(cfg))
+    batch = next(pipeline.make_iterator(parse(cfg)))
     assert batch["latents"].shape == (2, 6, 8, 8, 48) and batch["text"].shape == (2, 8, 32)
 
     from array_record.python.array_record_module import ArrayRecordWriter
@@ -82,9 +83,9 @@ def test_arrayrecord_paths_accept_directories_and_globs(tmp_path):
         assert firsts == [0.0, 1.0, 2.0, 10.0, 11.0]  # sorted shards, records in order
     cfg.data.paths = (str(tmp_path / "missing"),)
     with pytest.raises(ValueError, match="config.data.paths: .*missing.* does not exist"):
-        pipeline.make_iterator(cfg)
+        pipeline.make_iterator(parse(cfg))
 
 
 def _take(cfg, n):
-    it = pipeline.make_iterator(cfg)
+    it = pipeline.make_iterator(parse(cfg))
     return [next(it) for _ in range(n)]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from adastate_jax import sharding as shd
+from adastate_jax.config import parse
 from adastate_jax.data import pipeline
 from adastate_jax.training import loop
 from adastate_jax.training.checkpoint import CheckpointCorrupt, TrainCheckpointer
@@ -35,7 +36,7 @@ def _run_one_step(cfg, mesh, local_batch):
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 def test_sharded_step_matches_single_device_and_restores_onto_other_meshes(tmp_path):
     cfg = panworld_config("teacher", batch_size=4)
-    local = next(pipeline.make_iterator(cfg))
+    local = next(pipeline.make_iterator(parse(cfg)))
     mesh1 = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     mesh8 = shd.make_mesh(2, 2, 2)
     _, s1, m1 = _run_one_step(cfg, mesh1, local)

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from adastate_jax.config import parse
 from adastate_jax.models import checkpoint_io
 from adastate_jax.models import vae as vae_lib
 from adastate_jax.training import objectives
@@ -50,7 +51,7 @@ def _clips(n=2, t=5, hw=16, seed=0):
 @pytest.fixture(scope="module")
 def trained():
     cfg = _cfg()
-    obj = objectives.build(cfg, None)
+    obj = objectives.build(parse(cfg))
     assert isinstance(obj, vae_obj.VAEObjective)
     state = jax.jit(obj.init_state)(jax.random.key_data(jax.random.key(0)), {})
     step = jax.jit(obj.train_step, donate_argnums=0)
@@ -107,17 +108,17 @@ def test_export_reloads(trained, tmp_path):
 def json_of(cfg):
     from adastate_jax import config as config_lib
 
-    return config_lib.config_to_json(cfg)
+    return config_lib.to_json(cfg)
 
 
 def test_bad_fields_are_named():
     with pytest.raises(ValueError, match="config.vae.kind"):
-        objectives.build(ml_collections.ConfigDict(dict(_cfg(), vae=dict(kind="patch", config={}))), None)
+        objectives.build(parse(dict(_cfg().to_dict(), vae=dict(kind="patch"))))
     with pytest.raises(ValueError, match="config.train.recon_loss"):
-        objectives.build(_cfg(recon_loss="l2"), None)
+        objectives.build(parse(_cfg(recon_loss="l2")))
     with pytest.raises(ValueError, match="config.train.kl_weight"):
-        objectives.build(_cfg(kl_weight=-1.0), None)
-    obj = objectives.build(_cfg(), None)
+        objectives.build(parse(_cfg(kl_weight=-1.0)))
+    obj = objectives.build(parse(_cfg()))
     with pytest.raises(ValueError, match="data.codec='none'"):
         obj.loss(None, {"latents": jnp.zeros((1, 3, 4, 4, 4))}, jax.random.key(0))
 
@@ -139,11 +140,11 @@ def test_panworld_pipeline_passes_pixels_with_codec_none():
             ),
         )
     )
-    batch = next(pipeline.make_iterator(cfg))
+    batch = next(pipeline.make_iterator(parse(cfg)))
     assert set(batch) == {"video", "prompt_ids", "index"}
     assert batch["video"].shape == (2, 9, 32, 32, 3) and batch["video"].dtype == np.float32
     assert -1.0 <= batch["video"].min() and batch["video"].max() <= 1.0
     with cfg.unlocked():
         cfg.data.codec = "jpeg"
     with pytest.raises(ValueError, match="config.data.codec"):
-        pipeline.make_iterator(cfg)
+        pipeline.make_iterator(parse(cfg))

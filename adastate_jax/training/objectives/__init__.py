@@ -17,22 +17,23 @@ from __future__ import annotations
 OBJECTIVES = ("flow_matching", "ode_init", "self_forcing_dmd", "vae")
 
 
-def build(cfg, model_cfg):
-    name = str(cfg.train.objective)
+def build(exp):
+    """The objective of `config.train.objective` for the Experiment `exp`."""
+    name = exp.train.objective
     if name == "flow_matching":
         from adastate_jax.training.objectives.flow_matching import FlowMatching
 
-        return FlowMatching(cfg, model_cfg)
+        return FlowMatching(exp)
     if name == "ode_init":
         from adastate_jax.training.objectives.ode_init import OdeInit
 
-        return OdeInit(cfg, model_cfg)
+        return OdeInit(exp)
     if name == "self_forcing_dmd":
         from adastate_jax.training.objectives.dmd import SelfForcingDMD
 
-        return SelfForcingDMD(cfg, model_cfg)
-    if name == "vae":  # trains the Wan VAE of config.vae.config on pixel clips (model_cfg unused)
+        return SelfForcingDMD(exp)
+    if name == "vae":  # trains the Wan VAE of config.vae.wan on pixel clips
         from adastate_jax.training.objectives.vae import VAEObjective
 
-        return VAEObjective(cfg, model_cfg)
+        return VAEObjective(exp)
     raise ValueError(f"config.train.objective: unknown objective {name!r}; choose from {OBJECTIVES}")

@@ -48,16 +48,13 @@ import optax
 from einops import rearrange
 from flax import nnx
 
-from adastate_jax import config as config_lib
 from adastate_jax.models import wan
 from adastate_jax.streaming import sampler as smp_lib
-from adastate_jax.streaming.anchors import StreamConfig
 from adastate_jax.streaming.rollout import Streamer
-from adastate_jax.streaming.sampler import SamplerConfig
 from adastate_jax.training import state as state_lib
 from adastate_jax.training.objectives import flow_matching as fm
 from adastate_jax.training.objectives.flow_matching import ClipLayout, SingleModelObjective
-from adastate_jax.training.objectives.ode_init import guided_clip_velocity, teacher_model_config
+from adastate_jax.training.objectives.ode_init import guided_clip_velocity
 from adastate_jax.training.state import TrainState
 
 CACHE_FIELDS = ("k", "v", "latents", "state")  # carry fields cut every K chunks (not text, not counters)
@@ -69,21 +66,6 @@ def horizon_weights(num_frames: int, alpha: float) -> np.ndarray:
         return np.ones((max(num_frames, 1),), np.float32)
     w = 1.0 + alpha * np.arange(num_frames) / (num_frames - 1)
     return (w / w.mean()).astype(np.float32)
-
-
-CRITIC_INITS = ("teacher", "random")
-
-
-def critic_model_config(cfg, teacher_cfg: wan.WanConfig) -> wan.WanConfig:
-    """`config.critic_model` (same fields as `config.model`) if present, else the teacher's."""
-    if "critic_model" not in cfg:
-        return teacher_cfg
-    import ml_collections
-
-    try:
-        return config_lib.model_config(ml_collections.ConfigDict({"model": cfg.critic_model}))
-    except ValueError as e:  # the message names config.model.<field>: say which section it was
-        raise ValueError(f"config.critic_model: {e}") from None
 
 
 def same_param_shapes(a: wan.WanConfig, b: wan.WanConfig) -> bool:
@@ -108,24 +90,15 @@ def cut_cache(carry, cut):
 class SelfForcingDMD(SingleModelObjective):
     name = "self_forcing_dmd"
 
-    def __init__(self, cfg, model_cfg):
-        super().__init__(cfg, model_cfg)
-        tc = cfg.train
-        self.teacher_cfg = teacher_model_config(cfg, model_cfg)
+    def __init__(self, exp):
+        super().__init__(exp)
+        tc = exp.train
+        self.teacher_cfg = exp.teacher
         self.teacher_graphdef = wan.abstract_model(self.teacher_cfg)[0]
-        self.critic_cfg = critic_model_config(cfg, self.teacher_cfg)
+        self.critic_cfg = exp.critic
         self.critic_graphdef = wan.abstract_model(self.critic_cfg)[0]
-        self.critic_path = str(tc.get("critic_path", ""))
-        self.critic_init = str(tc.get("critic_init", "teacher"))
-        if self.critic_init not in CRITIC_INITS:
-            raise ValueError(
-                f"config.train.critic_init: unknown {self.critic_init!r}; choose from {CRITIC_INITS}"
-            )
-        if self.critic_path and self.critic_init == "random":
-            raise ValueError(
-                "config.train.critic_path and config.train.critic_init='random' contradict each other: "
-                "clear one of them"
-            )
+        self.critic_path = tc.critic_path
+        self.critic_init = tc.critic_init
         if (
             not self.critic_path
             and self.critic_init == "teacher"
@@ -137,38 +110,34 @@ class SelfForcingDMD(SingleModelObjective):
                 "config.train.critic_path to a params dir of the critic's shape, or "
                 "config.train.critic_init='random' to start it from random params"
             )
-        self.layout = ClipLayout(str(tc.teacher_attention), int(cfg.stream.chunk_frames))
-        self.t_sampling = str(tc.t_sampling)
-        self.stream_cfg = StreamConfig.from_dict(cfg.stream.to_dict())
-        base = SamplerConfig.from_dict(cfg.sampler.to_dict())
+        self.layout = ClipLayout(tc.teacher_attention, exp.stream.chunk_frames)
+        self.t_sampling = tc.t_sampling
+        self.stream_cfg = exp.stream
+        base = exp.sampler
         self.num_exits = len(base.denoising_steps)
         self.streamer = Streamer(
-            self.graphdef, model_cfg, self.stream_cfg, dataclasses.replace(base, guidance_scale=1.0)
+            self.graphdef, exp.model, self.stream_cfg, dataclasses.replace(base, guidance_scale=1.0)
         )
-        self.tx = state_lib.make_optimizer(tc, b1=float(tc.get("dmd_b1", tc.b1)))
-        self.critic_tx = state_lib.make_optimizer(tc, lr=float(tc.critic_lr), b1=float(tc.critic_b1))
-        self.critic_schedule = state_lib._scaled(tc, float(tc.critic_lr))
-        k = int(tc.truncation_chunks)
-        if k < 1:
-            raise ValueError(f"config.train.truncation_chunks must be >= 1, got {k}")
-        self.truncation = k if self.stream_cfg.anchor == "adastate" else 1
-        self.remat = bool(tc.get("remat_chunks", True))
-        self.alpha = float(tc.alpha)
-        self.critic_steps = int(tc.critic_steps)
-        if self.critic_steps < 1:
-            raise ValueError(f"config.train.critic_steps must be >= 1, got {self.critic_steps}")
-        self.guidance = float(tc.teacher_guidance)
-        lo, hi = int(tc.dmd_min_t), int(tc.dmd_max_t)
-        if not 0 <= lo < hi <= int(cfg.sampler.num_train_timesteps):
+        self.tx = state_lib.make_optimizer(tc, b1=tc.dmd_b1)
+        self.critic_tx = state_lib.make_optimizer(tc, lr=tc.critic_lr, b1=tc.critic_b1)
+        self.critic_schedule = state_lib._scaled(tc, tc.critic_lr)
+        self.truncation = tc.truncation_chunks if self.stream_cfg.anchor == "adastate" else 1
+        self.remat = tc.remat_chunks
+        self.alpha = tc.alpha
+        self.critic_steps = tc.critic_steps
+        self.guidance = tc.teacher_guidance
+        lo, hi = tc.dmd_min_t, tc.dmd_max_t
+        if hi > exp.sampler.num_train_timesteps:
             raise ValueError(
-                f"config.train.dmd_min_t / dmd_max_t: need 0 <= {lo} < {hi} <= num_train_timesteps"
+                f"config.train.dmd_max_t: {hi} exceeds config.sampler.num_train_timesteps="
+                f"{exp.sampler.num_train_timesteps}"
             )
         self.t_range = (lo, hi)
-        self.shift = float(cfg.sampler.shift)
+        self.shift = exp.sampler.shift
 
     # --- state ----------------------------------------------------------------------------
     def pretrained(self):
-        path = str(self.train_cfg.get("teacher_path", ""))
+        path = self.train_cfg.teacher_path
         if not path:
             raise ValueError("config.train.teacher_path: self_forcing_dmd needs the teacher's params")
         out = super().pretrained()

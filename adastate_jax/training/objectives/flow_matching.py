@@ -26,15 +26,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from adastate_jax import text as text_lib
+from adastate_jax import build
+from adastate_jax.config.schema import ATTENTION_LAYOUTS, T_SAMPLING  # declared with the fields
 from adastate_jax.models import attention as attn
 from adastate_jax.models import wan
 from adastate_jax.streaming import sampler as smp_lib
 from adastate_jax.training import state as state_lib
 from adastate_jax.training.state import TrainState
-
-ATTENTION_LAYOUTS = ("bidirectional", "diffusion_forcing", "teacher_forcing")
-T_SAMPLING = ("clip", "chunk", "frame")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,12 +112,6 @@ def flow_matching_loss(
 # --------------------------------------------------------------------------------------------
 
 
-def text_encoder(train_cfg, model_cfg: wan.WanConfig, seed: int):
-    """The frozen PanWorld word encoder, built exactly as `launch/rollout.py` builds it (same seed),
-    so a trained DiT sees the same prompt embeddings when streamed."""
-    return text_lib.panworld_word_encoder(model_cfg.text_len, model_cfg.text_dim, seed)
-
-
 def batch_text(text_graphdef, frozen, batch) -> jax.Array:
     """[B, T, text_dim] prompt embeddings: `batch['text']` if the data carries them, else the frozen
     word encoder applied to `batch['prompt_ids']`."""
@@ -164,28 +156,25 @@ class SingleModelObjective:
 
     name = "base"
 
-    def __init__(self, cfg, model_cfg: wan.WanConfig):
-        self.cfg = cfg
-        self.train_cfg = cfg.train
-        self.model_cfg = model_cfg
-        self.graphdef, _ = wan.abstract_model(model_cfg)
-        self.tx = state_lib.make_optimizer(cfg.train)
-        self.schedule = state_lib.make_schedule(cfg.train)
-        self.ema_decay = float(cfg.train.ema)
-        self.seed = int(cfg.seed)
-        if cfg.text.kind == "words":
-            enc = text_encoder(cfg.train, model_cfg, self.seed)
-            self.text_graphdef = nnx.split(enc)[0]
+    def __init__(self, exp):
+        self.exp = exp
+        self.train_cfg = exp.train
+        self.model_cfg = exp.model
+        self.graphdef, _ = wan.abstract_model(exp.model)
+        self.tx = state_lib.make_optimizer(exp.train)
+        self.schedule = state_lib.make_schedule(exp.train)
+        self.ema_decay = exp.train.ema
+        self.seed = exp.seed
+        if exp.text.kind == "words":
+            self.text_graphdef = nnx.split(build.word_encoder(exp.model, self.seed))[0]
         else:
             self.text_graphdef = None
-        table = smp_lib.training_timestep_table(
-            int(cfg.sampler.num_train_timesteps), float(cfg.sampler.shift)
-        )
+        table = smp_lib.training_timestep_table(exp.sampler.num_train_timesteps, exp.sampler.shift)
         self.table = np.asarray(table, np.float32)
 
     # --- what gets loaded from disk before init (name -> (graphdef-config, path)) ---------
     def pretrained(self) -> dict[str, tuple[wan.WanConfig, str]]:
-        path = str(self.train_cfg.get("init_from", "")) or str(self.cfg.checkpoint.path)
+        path = self.train_cfg.init_from or self.exp.checkpoint.path
         return {"params": (self.model_cfg, path)} if path else {}
 
     def frozen_extra(self, loaded: dict[str, Any]) -> dict[str, Any]:
@@ -198,7 +187,7 @@ class SingleModelObjective:
             params = nnx.split(wan.create_model(self.model_cfg, seed=self.seed))[1]
         frozen = dict(self.frozen_extra(loaded))
         if self.text_graphdef is not None:
-            frozen["text"] = nnx.split(text_encoder(self.train_cfg, self.model_cfg, self.seed))[1]
+            frozen["text"] = nnx.split(build.word_encoder(self.model_cfg, self.seed))[1]
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -227,18 +216,17 @@ class FlowMatching(SingleModelObjective):
 
     name = "flow_matching"
 
-    def __init__(self, cfg, model_cfg):
-        super().__init__(cfg, model_cfg)
-        tc = cfg.train
-        window = tc.get("tf_window", -1)
+    def __init__(self, exp):
+        super().__init__(exp)
+        tc = exp.train
         self.layout = ClipLayout(
-            attention=str(tc.attention),
-            chunk_frames=int(cfg.stream.chunk_frames),
-            window_frames=None if window is None or int(window) < 0 else int(window),
-            sink_frames=int(tc.get("tf_sink", 0)),
-            context_noise=float(cfg.sampler.context_noise),
+            attention=tc.attention,
+            chunk_frames=exp.stream.chunk_frames,
+            window_frames=None if tc.tf_window < 0 else tc.tf_window,
+            sink_frames=tc.tf_sink,
+            context_noise=float(exp.sampler.context_noise),
         )
-        self.t_sampling = str(tc.t_sampling)
+        self.t_sampling = tc.t_sampling
 
     def loss(self, params, frozen, batch, key):
         x0 = batch["latents"].astype(jnp.float32)  # [B, F, h, w, C]

@@ -28,28 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adastate_jax import config as config_lib
-from adastate_jax.streaming.anchors import StreamConfig
-from adastate_jax.streaming.sampler import SamplerConfig
 from adastate_jax.training.objectives import flow_matching as fm
 from adastate_jax.training.objectives.flow_matching import ClipLayout, SingleModelObjective
 
 
-def teacher_model_config(cfg, model_cfg):
-    """`config.teacher_model` (same fields as `config.model`) if present, else the student's."""
-    if "teacher_model" not in cfg:
-        return model_cfg
-    import ml_collections
-
-    return config_lib.model_config(ml_collections.ConfigDict({"model": cfg.teacher_model}))
-
-
-def streaming_layout(cfg) -> ClipLayout:
+def streaming_layout(exp) -> ClipLayout:
     """Teacher forcing with the attention the streaming student will have (window + sink)."""
-    sc = StreamConfig.from_dict(cfg.stream.to_dict())
+    sc = exp.stream
     window = None if sc.anchor == "full" else sc.window_frames
     sink = sc.sink_frames if sc.anchor in ("sink", "ema_sink") else 0
-    return ClipLayout("teacher_forcing", sc.chunk_frames, window, sink, float(cfg.sampler.context_noise))
+    return ClipLayout("teacher_forcing", sc.chunk_frames, window, sink, float(exp.sampler.context_noise))
 
 
 def guided_clip_velocity(graphdef, params, x, t, text, layout: ClipLayout, scale: float, clean=None):
@@ -110,21 +98,19 @@ def teacher_trajectory(graphdef, params, text, key, shape, layout, timesteps, su
 class OdeInit(SingleModelObjective):
     name = "ode_init"
 
-    def __init__(self, cfg, model_cfg):
-        super().__init__(cfg, model_cfg)
-        tc = cfg.train
-        self.teacher_cfg = teacher_model_config(cfg, model_cfg)
+    def __init__(self, exp):
+        super().__init__(exp)
+        tc = exp.train
+        self.teacher_cfg = exp.teacher
         from adastate_jax.models import wan
 
         self.teacher_graphdef = wan.abstract_model(self.teacher_cfg)[0]
-        self.teacher_layout = ClipLayout(str(tc.teacher_attention), int(cfg.stream.chunk_frames))
-        self.student_layout = streaming_layout(cfg)
-        self.timesteps = np.asarray(SamplerConfig.from_dict(cfg.sampler.to_dict()).timesteps, np.float32)
-        self.substeps = int(tc.ode_substeps)
-        self.guidance = float(tc.teacher_guidance)
-        self.stored = str(cfg.data.source) == "ode_trajectories" if "data" in cfg else False
-        if self.substeps < 1:
-            raise ValueError(f"config.train.ode_substeps must be >= 1, got {self.substeps}")
+        self.teacher_layout = ClipLayout(tc.teacher_attention, exp.stream.chunk_frames)
+        self.student_layout = streaming_layout(exp)
+        self.timesteps = np.asarray(exp.sampler.timesteps, np.float32)
+        self.substeps = tc.ode_substeps
+        self.guidance = tc.teacher_guidance
+        self.stored = exp.data is not None and exp.data.source == "ode_trajectories"
         if self.teacher_layout.attention == "teacher_forcing" and not self.stored:
             raise ValueError(
                 "config.train.teacher_attention='teacher_forcing': an ODE trajectory of a whole clip "
@@ -136,7 +122,7 @@ class OdeInit(SingleModelObjective):
         out = super().pretrained()
         if self.stored:  # the trajectories are on disk: no teacher in the state
             return out
-        path = str(self.train_cfg.get("teacher_path", ""))
+        path = self.train_cfg.teacher_path
         if not path:
             raise ValueError(
                 "config.train.teacher_path: ode_init needs the teacher's params (a WORKDIR/export), "

@@ -1,4 +1,4 @@
-"""VAE objective: train the Wan VAE of `config.vae.config` (e.g. a tiny one for CPU) on pixel clips.
+"""VAE objective: train the Wan VAE of `config.vae.wan` (e.g. a tiny one for CPU) on pixel clips.
 
 Owns: the VAE loss on a clip `batch['video']` [B, T, H, W, 3] in [-1, 1], T = 1 + f k:
   encode -> (mu, logvar); z = mu + exp(logvar / 2) eps (reparameterised); decode(z) -> x_hat;
@@ -13,8 +13,8 @@ train step (grad, clip, AdamW, EMA, non-finite guard) in the shape of the object
 Latents are coded raw (`normalize=False`): a freshly trained VAE has no published latent statistics
 (its `WanVAEConfig` should carry `latents_mean/std=None`, as `WanVAEConfig.tiny` does).
 
-The DiT (`config.model`) is not used: `model_cfg` is accepted for the protocol only. The exported
-params (`WORKDIR/export`, EMA if kept) are an nnx.State of `WanVAE(vae_config(cfg))`, readable with
+The DiT (`config.model`) is not used. The exported
+params (`WORKDIR/export`, EMA if kept) are an nnx.State of `WanVAE(config.vae.wan)`, readable with
 `checkpoint_io.load_params(path, vae.abstract_model(vae_cfg))` (see `load_exported_vae`).
 
 Must not know: data pipelines, files (beyond `load_exported_vae`), meshes, the loop.
@@ -26,13 +26,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from adastate_jax import config as config_lib
+from adastate_jax.config.schema import RECON_LOSSES  # declared with the field
 from adastate_jax.models import vae as vae_lib
 from adastate_jax.training import state as state_lib
 from adastate_jax.training.objectives.flow_matching import apply_gradients, step_key
 from adastate_jax.training.state import TrainState
 
-RECON_LOSSES = ("mse", "l1_mse")
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of logvar before exp (as in the reference VAEs)
 
 
@@ -70,42 +69,33 @@ def vae_loss(graphdef, params, video, key, *, kl_weight: float, recon_loss: str 
 
 
 class VAEObjective:
-    """Trains `WanVAE(vae_config(cfg))` on `batch['video']` (see the module docstring)."""
+    """Trains `WanVAE(config.vae.wan)` on `batch['video']` (see the module docstring)."""
 
     name = "vae"
 
-    def __init__(self, cfg, model_cfg=None):
-        del model_cfg  # the DiT is not trained here
-        if str(cfg.vae.kind) != "wan":
+    def __init__(self, exp):
+        if exp.vae.kind != "wan":
             raise ValueError(
-                f"config.vae.kind={cfg.vae.kind!r}: the 'vae' objective trains the Wan VAE of "
-                "config.vae.config; set config.vae.kind='wan'"
+                f"config.vae.kind={exp.vae.kind!r}: the 'vae' objective trains the Wan VAE of "
+                "config.vae.wan; set config.vae.kind='wan'"
             )
-        self.cfg = cfg
-        self.train_cfg = tc = cfg.train
-        self.vae_cfg = config_lib.vae_config(cfg)
+        self.exp = exp
+        self.train_cfg = tc = exp.train
+        self.vae_cfg = exp.vae.wan
         if self.vae_cfg.latents_mean is not None:
             raise ValueError(
-                "config.vae.config.latents_mean/latents_std: a VAE trained from scratch codes raw "
+                "config.vae.wan.latents_mean/latents_std: a VAE trained from scratch codes raw "
                 "latents; set both to None"
             )
         self.graphdef, _ = vae_lib.abstract_model(self.vae_cfg)
         self.tx = state_lib.make_optimizer(tc)
         self.schedule = state_lib.make_schedule(tc)
-        self.ema_decay = float(tc.get("ema", 0.0))
-        self.seed = int(cfg.seed)
-        self.kl_weight = float(tc.get("kl_weight", 1e-4))
-        if self.kl_weight < 0:
-            raise ValueError(f"config.train.kl_weight: must be >= 0, got {self.kl_weight}")
-        self.recon_loss = str(tc.get("recon_loss", "mse"))
-        if self.recon_loss not in RECON_LOSSES:
-            raise ValueError(
-                f"config.train.recon_loss: unknown loss {self.recon_loss!r}; choose from {RECON_LOSSES}"
-            )
-        self.chunk_latents = int(tc.get("vae_chunk_latents", 1))
-        if self.chunk_latents < 1:
-            raise ValueError(f"config.train.vae_chunk_latents: must be >= 1, got {self.chunk_latents}")
-        if str(tc.get("init_from", "")) or str(tc.get("teacher_path", "")):
+        self.ema_decay = tc.ema
+        self.seed = exp.seed
+        self.kl_weight = tc.kl_weight
+        self.recon_loss = tc.recon_loss
+        self.chunk_latents = tc.vae_chunk_latents
+        if tc.init_from or tc.teacher_path:
             raise ValueError(
                 "config.train.init_from / teacher_path: the 'vae' objective starts from a random VAE "
                 "(resume by re-running in the same workdir)"
@@ -157,19 +147,16 @@ class VAEObjective:
 def load_exported_vae(path: str, vae_cfg: vae_lib.WanVAEConfig | None = None):
     """(WanVAEConfig, graphdef, params) of a `WORKDIR/export` written by a 'vae' run.
 
-    vae_cfg None: read from the export's config.json (`config.vae.config`).
+    vae_cfg None: read from the export's config.json (`config.vae.wan`).
     """
-    import json
-
-    import ml_collections
-
+    from adastate_jax import config as config_lib
     from adastate_jax.models import checkpoint_io
 
     if vae_cfg is None:
         text = checkpoint_io.read_config_json(path)
         if text is None:
             raise ValueError(f"{path}: no config.json; pass the WanVAEConfig explicitly")
-        vae_cfg = config_lib.vae_config(ml_collections.ConfigDict(json.loads(text)))
+        vae_cfg = config_lib.parse(config_lib.from_json(text)).vae.wan
     graphdef, abstract = vae_lib.abstract_model(vae_cfg)
     params = checkpoint_io.load_params(path, abstract)
     return vae_cfg, graphdef, params
