@@ -257,12 +257,16 @@ def _remux_faststart(path: str) -> None:
 # records
 # ---------------------------------------------------------------------------------------------
 def _jsonable(x: Any) -> Any:
-    """numpy (and array-like) values -> JSON types; anything else is refused by json as usual."""
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray) or hasattr(x, "__array__"):
-        return np.asarray(x).tolist()
-    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+    """numpy (and array-like) values -> JSON types; anything else is refused by json as usual.
+    Floats narrower than float64 are written with their own shortest digits (float32 0.1 -> 0.1,
+    not 0.10000000149011612)."""
+    if not (isinstance(x, np.generic | np.ndarray) or hasattr(x, "__array__")):
+        raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+    a = np.asarray(x)
+    if np.issubdtype(a.dtype, np.floating) and a.dtype.itemsize < 8:
+        flat = [float(str(v)) for v in a.ravel()]  # numpy's str is the shortest round-trip repr
+        return np.asarray(flat, np.float64).reshape(a.shape).tolist() if a.ndim else flat[0]
+    return a.tolist()
 
 
 def dumps(obj: Any, indent: int | None = None) -> str:
@@ -327,6 +331,9 @@ def write_json_atomic(path: str, obj: Any, indent: int = 1) -> str:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a summary is as readable as any file
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(dumps(obj, indent=indent))
             fh.flush()

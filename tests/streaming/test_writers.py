@@ -109,6 +109,10 @@ def test_records_are_one_flushed_json_object_per_line(tmp_path):
     recs = writers.read_records(path)
     assert recs[0] == dict(chunk=0, latency_s=0.25, share=[[0.5, 0.25, 0.25]], n=3)
     assert recs[1]["positions"] == [0, 1, 2]
+    with writers.RecordWriter(str(tmp_path / "f.jsonl")) as rw:
+        rw.write(dict(share=np.float32([[0.1, 0.12295]]), x=np.float32(0.3), big=np.float64(0.1) + 0.2))
+    with open(tmp_path / "f.jsonl") as fh:  # float32 written with its own digits, float64 with all
+        assert fh.read() == '{"share":[[0.1,0.12295]],"x":0.3,"big":0.30000000000000004}\n'
     with open(path, "a") as fh:  # a line torn by a hard kill is dropped, not fatal
         fh.write('{"chunk": 2, "lat')
     assert len(writers.read_records(path)) == 2
@@ -120,6 +124,9 @@ def test_summary_json_is_replaced_atomically(tmp_path):
     writers.write_json_atomic(path, dict(a=2, b=np.arange(2)))
     assert json.loads(open(path).read()) == dict(a=2, b=[0, 1])
     assert os.listdir(tmp_path) == ["s.json"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
 
 def test_running_stats_match_numpy():
