@@ -7,6 +7,9 @@ decoder, and provides
                                                     -> (Carry, ChunkOut)   denoise + commit
   * `rollout(params, carry, prompt_ids, prompts)`   -> (Carry, ChunkOut[N])  `lax.scan(step)`
   * `stream(params, carry, prompt_ids, prompts)`    -> generator of ChunkOut (same jitted step)
+  * `rollout_segments(params, carry, prompt_ids, prompts, segment_chunks=K)`
+                                                    -> generator of Segment (ChunkOut[<=K] each):
+    K chunks per compiled scan, carry donated between segments (bounded device memory)
 `exit_step` (traced, optional) stops the few-step denoising early: the chunk's output and the
 committed cache are the x0 estimate of that step (Self-Forcing's random exit, one program for
 every exit; see `step`).
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -47,6 +51,18 @@ class ChunkOut:
     key_valid: jax.Array  # [S + F_s + F] which key frames were visible
     key_mass: Any = None  # [L, S + F_s + F] attention share per key frame (instrumentation)
     frames: Any = None  # [B, T, H, W, 3] decoded pixels when a decoder is configured
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Consecutive chunks of a segmented rollout: `outs` is a ChunkOut whose leaves lead with [n]."""
+
+    start: int  # index of the segment's first chunk in the stream
+    outs: ChunkOut  # ChunkOut[n] on the device
+
+    @property
+    def num_chunks(self) -> int:
+        return int(self.outs.latents.shape[0])
 
 
 class Decoder:
@@ -393,6 +409,91 @@ class Streamer:
             carry, out = self.jit_step(params, carry, jnp.int32(pid), prompts, negative, decoder_params)
             yield out
         return carry
+
+    # ------------------------------------------------------------------------------------
+    # segmented scan: bounded device memory for any length
+    # ------------------------------------------------------------------------------------
+    def segment(
+        self, params, carry: Carry, prompt_ids, num_live, prompts, negative=None, decoder_params=None
+    ):
+        """`rollout` over a fixed-length schedule `prompt_ids [K]` whose chunks at index >= `num_live`
+        ([] int32, may be traced) are skipped at run time (`lax.cond`): the carry passes through them
+        unchanged and their outputs are zeros. A final partial segment thus reuses the program of
+        the full ones. Returns (Carry, ChunkOut[K])."""
+        prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+        live = jnp.arange(prompt_ids.shape[0]) < num_live  # [K]
+
+        def run(c, pid):
+            return self.step(params, c, pid, prompts, negative=negative, decoder_params=decoder_params)
+
+        def body(c, xs):
+            pid, on = xs
+            out_like = jax.eval_shape(run, c, pid)[1]
+
+            def skip(c, pid):
+                return c, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out_like)
+
+            return jax.lax.cond(on, run, skip, c, pid)
+
+        return jax.lax.scan(body, carry, (prompt_ids, live))
+
+    @functools.cached_property
+    def jit_segment(self):
+        """Jitted `segment`, carry donated: (params, carry, prompt_ids [K], num_live, prompts,
+        negative, decoder_params). One compilation per segment length K."""
+        return jax.jit(self.segment, donate_argnums=(1,))
+
+    def rollout_segments(
+        self,
+        params,
+        carry: Carry,
+        prompt_ids: Iterable[int],
+        prompts,
+        segment_chunks: int,
+        negative=None,
+        decoder_params=None,
+    ) -> Iterator[Segment]:
+        """Scan rollout in segments of `segment_chunks` chunks: yields a `Segment` (its first chunk's
+        index and its `ChunkOut[n]` on the device, n <= K) per compiled scan; the generator's return
+        value is the final carry (`carry = yield from ...`).
+
+        Device memory holds the carry and at most two segments of outputs, whatever the length;
+        `prompt_ids` may be unbounded (an iterator). The carry is donated from segment to segment.
+        Segment i + 1 is dispatched before segment i is yielded, so the device computes while the
+        caller writes (the schedule is read up to one segment ahead; a caller that stops early
+        discards the segment in flight). A final partial segment runs the same compiled program
+        with its tail skipped (`segment`): one compilation for any number of chunks. Bits equal
+        `rollout` and `stream` over the same schedule.
+        """
+        k = int(segment_chunks)
+        if k < 1:
+            raise ValueError(f"segment_chunks must be >= 1, got {segment_chunks}")
+        n_prompts = int(np.shape(prompts)[0])
+        ids_iter = iter(prompt_ids)
+        start, pending = 0, None
+        while True:
+            ids = [int(p) for p in itertools.islice(ids_iter, k)]
+            bad = [(start + i, pid) for i, pid in enumerate(ids) if not (0 <= pid < n_prompts)]
+            if bad:
+                if pending is not None:  # the chunks before the bad entry are still delivered
+                    yield pending
+                raise ValueError(
+                    f"prompt schedule entry {bad[0][0]} is {bad[0][1]}, out of range for {n_prompts} prompts"
+                )
+            if ids:
+                n = len(ids)
+                padded = np.asarray(ids + [ids[-1]] * (k - n), np.int32)  # [K]
+                carry, outs = self.jit_segment(
+                    params, carry, padded, jnp.int32(n), prompts, negative, decoder_params
+                )
+                if n < k:
+                    outs = jax.tree.map(lambda x, n=n: x[:n], outs)
+            if pending is not None:
+                yield pending
+            if not ids:
+                return carry
+            pending = Segment(start, outs)
+            start += len(ids)
 
 
 def prompt_schedule(
