@@ -36,7 +36,7 @@ from flax import nnx  # noqa: E402
 
 from adastate_jax import config as config_lib  # noqa: E402
 from adastate_jax import sharding as shd  # noqa: E402
-from adastate_jax.models import checkpoint_io, umt5, vae, wan  # noqa: E402
+from adastate_jax.models import checkpoint_io, umt5, vae, wan, wan_params  # noqa: E402
 from adastate_jax.models.convert import ConversionError, convert_to_state, open_torch_checkpoint  # noqa: E402
 
 
@@ -75,10 +75,10 @@ def _umt5_detect(keys) -> str:
 # --------------------------------------------------------------------------------------------
 MODELS: dict[str, ConvertTarget] = {
     "dit": ConvertTarget(
-        rules_fn=lambda layout, cfg: wan.conversion_rules(layout),
+        rules_fn=lambda layout, cfg: wan_params.conversion_rules(layout),
         abstract_fn=lambda cfg: wan.abstract_model(config_lib.model_config(cfg)),
-        ignore=wan.IGNORED_KEYS,
-        detect_fn=wan.detect_layout,
+        ignore=wan_params.IGNORED_KEYS,
+        detect_fn=wan_params.detect_layout,
     ),
     "vae": ConvertTarget(
         rules_fn=lambda layout, cfg: vae.conversion_rules(layout, config_lib.vae_config(cfg)),

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from adastate_jax import config as config_lib
 from adastate_jax import sharding as shd
-from adastate_jax.models import checkpoint_io, wan
+from adastate_jax.models import checkpoint_io, wan, wan_params
 from adastate_jax.models.convert import convert_to_state, open_torch_checkpoint
 
 torch = pytest.importorskip("torch")
@@ -162,9 +162,9 @@ def test_second_run_refuses_to_overwrite_unless_asked(converted):
     abstract = wan.abstract_model(model_cfg)[1]
     direct = convert_to_state(
         open_torch_checkpoint(str(work / "model.safetensors")),
-        wan.conversion_rules("diffusers"),
+        wan_params.conversion_rules("diffusers"),
         abstract,
-        ignore=wan.IGNORED_KEYS,
+        ignore=wan_params.IGNORED_KEYS,
     )
     loaded = checkpoint_io.load_params(str(out), abstract)
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(loaded)), jax.tree.leaves(nnx.to_pure_dict(direct))):

@@ -7,7 +7,7 @@ reports every missing / unexpected / mis-shaped key at once, and placement of ea
 straight into its sharding (no whole-model host copy).
 
 Must not know: the models themselves. Each model module contributes a declarative table
-(`adastate_jax.models.wan.conversion_rules`, `...vae.conversion_rules`, ...), and the caller passes
+(`adastate_jax.models.wan_params.conversion_rules`, `...vae.conversion_rules`, ...), and the caller passes
 the abstract target state.
 """
 
