@@ -9,6 +9,10 @@ DIR/config.json, atomically (temp dir + rename); an existing --out is replaced o
   python launch/convert.py --config=configs/wan_1_3b.py \
       --source=Wan2.1-T2V-1.3B-Diffusers/transformer --out=workdirs/wan_1_3b
 
+  python launch/convert.py --config=configs/wan_1_3b.py \
+      --source=longlive_models/models/longlive_base.pt \
+      --lora=longlive_models/models/lora.pt --out=workdirs/longlive_1_3b
+
 `config.model` must describe the checkpoint's shapes (dims, layers, text_dim, ...); every missing,
 unexpected or mis-shaped key is reported together and nothing is written.
 
@@ -36,8 +40,14 @@ from flax import nnx  # noqa: E402
 from adastate_jax import config as config_lib  # noqa: E402
 from adastate_jax import sharding as shd  # noqa: E402
 from adastate_jax.config import cli  # noqa: E402
-from adastate_jax.models import checkpoint_io, umt5, vae, wan  # noqa: E402
-from adastate_jax.models.convert import ConversionError, convert_to_state, open_torch_checkpoint  # noqa: E402
+from adastate_jax.models import checkpoint_io, umt5, vae, wan, wan_params  # noqa: E402
+from adastate_jax.models.convert import (  # noqa: E402
+    ConversionError,
+    LoraMergedSource,
+    convert_to_state,
+    longlive_base_evidence,
+    open_torch_checkpoint,
+)
 
 
 class ConvertTarget(NamedTuple):
@@ -75,10 +85,10 @@ def _umt5_detect(keys) -> str:
 # --------------------------------------------------------------------------------------------
 MODELS: dict[str, ConvertTarget] = {
     "dit": ConvertTarget(
-        rules_fn=lambda layout, cfg: wan.conversion_rules(layout),
+        rules_fn=lambda layout, cfg: wan_params.conversion_rules(layout),
         abstract_fn=lambda cfg: wan.abstract_model(config_lib.parse(cfg).model),
-        ignore=wan.IGNORED_KEYS,
-        detect_fn=wan.detect_layout,
+        ignore=wan_params.IGNORED_KEYS,
+        detect_fn=wan_params.detect_layout,
     ),
     "vae": ConvertTarget(
         rules_fn=lambda layout, cfg: vae.conversion_rules(layout, config_lib.parse(cfg).vae.wan),
@@ -104,7 +114,20 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum("model", "dit", sorted(MODELS), "Which model the weights belong to.")
 flags.DEFINE_bool("use_ema", False, "Self-Forcing/LongLive training checkpoints: take generator_ema.")
-flags.DEFINE_float("lora_alpha", None, "LoRA alpha (scale = alpha / rank); default: alpha = rank.")
+flags.DEFINE_string(
+    "lora",
+    None,
+    "LoRA adapters to merge into --source: LongLive's LoRA file ({'generator_lora': <PEFT state "
+    "dict>}), a bare PEFT state dict or a PEFT adapter directory. 'none': convert a LongLive base "
+    "without its LoRA (refused otherwise).",
+)
+flags.DEFINE_float(
+    "lora_alpha",
+    None,
+    "LoRA alpha: scale = alpha / rank, the rank read from each lora_A. Default: PEFT's "
+    "adapter_config.json beside the LoRA if there is one, else alpha = rank (LongLive: 256 / 256).",
+)
+flags.DEFINE_integer("lora_rank", None, "Expected LoRA rank, checked against every lora_A.")
 flags.DEFINE_float("lora_scale", None, "LoRA scale, overriding --lora_alpha.")
 flags.DEFINE_string("out", None, "Output directory (params checkpoint + config.json).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
@@ -126,8 +149,10 @@ def convert(
     model="dit",
     layout="auto",
     use_ema=False,
+    lora=None,
     lora_alpha=None,
     lora_scale=None,
+    lora_rank=None,
     place="cpu",
     overwrite=False,
     log=print,
@@ -145,11 +170,38 @@ def convert(
         config_lib.check_mesh(exp, config_lib.mesh_sizes(exp, mesh))
     rules_table = exp.sharding_rules
 
-    src = open_torch_checkpoint(source, use_ema=use_ema, lora_scale=lora_scale, lora_alpha=lora_alpha)
+    lora_path = None if lora is None or lora.lower() == "none" else lora
+    src = open_torch_checkpoint(
+        source,
+        use_ema=use_ema,
+        lora=lora_path,
+        lora_scale=lora_scale,
+        lora_alpha=lora_alpha,
+        lora_rank=lora_rank,
+    )
+    lora_info = src.summary() if isinstance(src, LoraMergedSource) else {}
+    if lora_info:
+        log(
+            f"LoRA: {lora_info['lora_adapters']} adapters merged from {lora_info['lora']}, rank "
+            f"{lora_info['lora_ranks']}, scale {lora_info['lora_scales']} ({lora_info['lora_scale_origin']})"
+        )
+    elif model == "dit" and lora is None and (evidence := longlive_base_evidence(source)):
+        raise ValueError(
+            f"{source} looks like the base generator of a LongLive run ({evidence}). LongLive's "
+            "model is this base plus a LoRA saved in a separate file ({'generator_lora': ...}); the "
+            "base alone is a different model. Pass --lora=PATH to merge it, or --lora=none to "
+            "convert the base alone."
+        )
+    elif lora is not None:
+        log("LoRA: none (--lora=none)")
     if layout == "auto":
         if target.detect_fn is None:
             raise ValueError(f"--model={model} cannot detect its layout; pass --layout")
-        layout = target.detect_fn(src.keys())
+        try:
+            layout = target.detect_fn(src.keys())
+        except ValueError as e:
+            keys = sorted(src.keys())
+            raise ValueError(f"{source}: {e}; its first keys: {keys[:5]} ({len(keys)} in all)") from None
         log(f"layout: {layout} (detected)")
     else:
         log(f"layout: {layout}")
@@ -170,8 +222,10 @@ def convert(
         model=model,
         layout=layout,
         use_ema=use_ema,
+        lora=os.path.abspath(lora_path) if lora_path else lora,
         lora_alpha=lora_alpha,
         lora_scale=lora_scale,
+        **{k: v for k, v in lora_info.items() if k != "lora"},
         param_count=count,
         param_dtype=exp.model.param_dtype,
     )
@@ -192,8 +246,10 @@ def main(argv):
             model=FLAGS.model,
             layout=FLAGS.layout,
             use_ema=FLAGS.use_ema,
+            lora=FLAGS.lora,
             lora_alpha=FLAGS.lora_alpha,
             lora_scale=FLAGS.lora_scale,
+            lora_rank=FLAGS.lora_rank,
             place=FLAGS.place,
             overwrite=FLAGS.overwrite,
         )

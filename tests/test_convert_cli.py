@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from adastate_jax import config as config_lib
 from adastate_jax import sharding as shd
-from adastate_jax.models import checkpoint_io, wan
+from adastate_jax.models import checkpoint_io, wan, wan_params
 from adastate_jax.models.convert import convert_to_state, open_torch_checkpoint
 
 torch = pytest.importorskip("torch")
@@ -162,9 +162,9 @@ def test_second_run_refuses_to_overwrite_unless_asked(converted):
     abstract = wan.abstract_model(model_cfg)[1]
     direct = convert_to_state(
         open_torch_checkpoint(str(work / "model.safetensors")),
-        wan.conversion_rules("diffusers"),
+        wan_params.conversion_rules("diffusers"),
         abstract,
-        ignore=wan.IGNORED_KEYS,
+        ignore=wan_params.IGNORED_KEYS,
     )
     loaded = checkpoint_io.load_params(str(out), abstract)
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(loaded)), jax.tree.leaves(nnx.to_pure_dict(direct))):
@@ -204,6 +204,48 @@ def test_self_forcing_checkpoint_with_use_ema(converted, tmp_path):
     ref = nnx.to_pure_dict(checkpoint_io.load_params(str(out), abstract))
     for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(ref)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_longlive_base_is_refused_alone_and_converts_with_its_lora_merged(tmp_path):
+    """LongLive's release layout (models/longlive_base.pt beside models/lora.pt): the base alone
+    is refused, naming the LoRA beside it; with --lora every adapted Linear is W + alpha/r B A."""
+    from tests.models.test_convert import save_longlive_pair
+
+    cfg = wan.WanConfig(
+        dim=HEADS * HEAD_DIM,
+        num_heads=HEADS,
+        num_layers=LAYERS,
+        ffn_dim=FFN,
+        text_dim=TEXT_DIM,
+        freq_dim=FREQ_DIM,
+        in_channels=IN_CH,
+        out_channels=IN_CH,
+    )
+    sd, adapters, base, lora = save_longlive_pair(tmp_path, cfg, rank=4)
+    refused = run_cli(f"--source={base}", f"--out={tmp_path / 'never'}")
+    assert refused.returncode != 0
+    assert "looks like the base generator of a LongLive run" in refused.stderr
+    assert str(lora) in refused.stderr and "--lora=PATH" in refused.stderr and "--lora=none" in refused.stderr
+    assert not (tmp_path / "never").exists()
+
+    out = tmp_path / "longlive"
+    result = run_cli(f"--source={base}", f"--lora={lora}", "--lora_alpha=2", "--lora_rank=4", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LoRA: 20 adapters merged" in result.stdout and "layout: original (detected)" in result.stdout
+    info = checkpoint_io.read_info(str(out))
+    assert info["lora"] == str(lora) and info["lora_adapters"] == 20
+    assert info["lora_ranks"] == [4] and info["lora_scales"] == [0.5]
+    _, model_cfg = _loaded_config(out)
+    params = nnx.to_pure_dict(checkpoint_io.load_params(str(out), wan.abstract_model(model_cfg)[1]))
+    for name in ("blocks.0.self_attn.q", "blocks.1.cross_attn.o", "blocks.1.ffn.0"):
+        a, b = adapters[name]
+        i, module = int(name.split(".")[1]), name.split(".", 2)[2]
+        path = {"ffn.0": ("ffn_in",)}.get(module, tuple(module.split(".")))
+        node = params["blocks"]
+        for p in path:
+            node = node[p]
+        merged = (sd[name + ".weight"].double() + 0.5 * (b.double() @ a.double())).float().numpy().T
+        np.testing.assert_array_equal(np.asarray(node["kernel"][i]), merged)
 
 
 # --------------------------------------------------------------------------------------------

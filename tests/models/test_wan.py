@@ -9,7 +9,7 @@ from flax import nnx
 from safetensors.torch import save_file
 
 from adastate_jax.models import attention as attn
-from adastate_jax.models import wan
+from adastate_jax.models import wan, wan_params
 from adastate_jax.models.convert import ConversionError, convert_to_state, open_torch_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
@@ -112,9 +112,11 @@ def _diffusers_forward(m, x, t, text, per_token):
 
 def _load(path, cfg, layout=None):
     src = open_torch_checkpoint(str(path))
-    layout = layout or wan.detect_layout(src.keys())
+    layout = layout or wan_params.detect_layout(src.keys())
     graphdef, abstract = wan.abstract_model(cfg)
-    return graphdef, convert_to_state(src, wan.conversion_rules(layout), abstract, ignore=wan.IGNORED_KEYS)
+    return graphdef, convert_to_state(
+        src, wan_params.conversion_rules(layout), abstract, ignore=wan_params.IGNORED_KEYS
+    )
 
 
 def _rel_err(a, b):
@@ -210,7 +212,7 @@ def test_sharded_safetensors_with_index_and_lora_merge(tmp_path):
     save_file(lora, str(tmp_path / "lora.safetensors"))
     src = open_torch_checkpoint(str(tmp_path / "lora.safetensors"), lora_alpha=alpha)
     graphdef, abstract = wan.abstract_model(cfg)
-    p_lora = convert_to_state(src, wan.conversion_rules("original"), abstract)
+    p_lora = convert_to_state(src, wan_params.conversion_rules("original"), abstract)
     merged = (wq + (alpha / r) * b_ @ a_).numpy().T
     np.testing.assert_allclose(
         np.asarray(p_lora["blocks"]["self_attn"]["q"]["kernel"][...][0]), merged, rtol=1e-6, atol=1e-6
