@@ -8,9 +8,9 @@ Owns the on-disk layout written by `launch/convert.py --out DIR` and read by
     DIR/info.json     provenance, free-form (optional; e.g. source file, layout, param count)
 
 Writes are atomic: everything goes to a hidden sibling `.DIR.partial` first, which is renamed to DIR
-only once complete, so a crash never leaves a half checkpoint at DIR; an existing DIR is replaced
-only with `overwrite=True`. Reads restore every leaf straight into its target sharding (no
-whole-model host copy) and check the stored tree against the target first, reporting every
+only once complete (`files.replace_dir`), so a crash never leaves a half checkpoint at DIR; an
+existing DIR is replaced only with `overwrite=True`. Reads restore every leaf straight into its
+target sharding (no whole-model host copy) and check the stored tree against the target first, reporting every
 missing, unexpected and mis-shaped parameter in one `CheckpointError` naming the path. Stored
 dtypes are cast to the target's (e.g. fp32 params restored as bf16 for inference).
 
@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from adastate_jax import files
 from adastate_jax.models.convert import flatten_target
 
 PARAMS_DIR = "params"
@@ -72,12 +73,6 @@ def _sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def _sibling(path: str, suffix: str) -> str:
-    """A hidden sibling of `path` on the same filesystem (so rename is atomic)."""
-    parent, name = os.path.split(os.path.abspath(path))
-    return os.path.join(parent, f".{name}.{suffix}")
 
 
 def params_dir(path: str) -> str:
@@ -125,7 +120,7 @@ def save_params(
     _check_leaves(params)  # fail before writing anything
     if config_json is not None:
         json.loads(config_json)
-    tmp = _sibling(path, "partial")
+    tmp = files.sibling(path, "partial")
     primary = jax.process_index() == 0
     if primary:
         if os.path.exists(tmp):  # left over from a crashed run
@@ -147,15 +142,7 @@ def save_params(
                     json.dump(dict(info), fh, indent=2, sort_keys=True, default=str)
         _sync("save_params:written")
         if primary:
-            old = None
-            if os.path.exists(path):
-                old = _sibling(path, "old")
-                if os.path.exists(old):
-                    shutil.rmtree(old)
-                os.rename(path, old)
-            os.rename(tmp, path)
-            if old is not None:
-                shutil.rmtree(old)
+            files.replace_dir(tmp, path)
     except BaseException:
         if primary and os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

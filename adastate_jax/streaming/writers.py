@@ -12,7 +12,8 @@ Owns:
     remuxes the fragments into a plain mp4 (`+faststart`, stream copy, atomic rename). The gif
     gets a palette per frame (ffmpeg `palettegen=stats_mode=single`), so it streams too.
   * `RecordWriter`: one JSON object per line per chunk, flushed line by line.
-  * `write_json_atomic`: a summary JSON written to a temporary file and renamed into place.
+  * `write_json_atomic`: a summary JSON written to a temporary file and renamed into place
+    (`adastate_jax.files`), numpy values as `dumps` writes them.
   * `RunningStats`: O(1) summaries (count, mean, std, min, max, total) of a per-chunk number.
   * `GracefulStop`: SIGINT / SIGTERM -> a flag the caller polls to stop after the current chunk
     (a second signal aborts at once).
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from adastate_jax import video
+from adastate_jax import files, video
 
 VIDEO_EXTENSIONS = (".mp4", ".gif")
 
@@ -327,22 +328,8 @@ def write_json_atomic(path: str, obj: Any, indent: int = 1) -> str:
     """Write `obj` as JSON to `path` through a temporary file in the same folder and a rename:
     readers see the old file or the new one, never half of one."""
     path = str(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a summary is as readable as any file
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(dumps(obj, indent=indent))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    files.write_text_atomic(path, dumps(obj, indent=indent))  # umask permissions, fsync, rename
     return path
 
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from adastate_jax import files
 from adastate_jax.text.interface import WAN_TEXT_LEN, as_prompt_list, check_text_embeddings
 
 _EMBEDDING_KEYS = ("embeddings", "embedding", "context", "text")
@@ -111,16 +111,8 @@ def save_embeddings(path: str | os.PathLike, embeddings: np.ndarray, prompts: Se
         if len(prompts) != len(embeddings):
             raise ValueError(f"{path}: {len(prompts)} prompts for {len(embeddings)} embeddings")
         arrays["prompts"] = np.asarray(prompts, dtype=np.str_)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with files.atomic_open(path, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def pad_embeddings(embeddings: Sequence[np.ndarray], text_len: int = WAN_TEXT_LEN) -> np.ndarray:

@@ -18,7 +18,6 @@ Must not know: tokenizers, files, caches, particular encoders, the DiT, streamin
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -26,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from adastate_jax import files
 
 WAN_TEXT_LEN = 512
 WAN_TEXT_DIM = 4096
@@ -88,23 +89,10 @@ def run_encoder(encoder, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.asarray(encoder(jnp.asarray(ids), jnp.asarray(mask)), np.float32)
 
 
-@jax.jit
-def _leaf_sums(leaves):
-    return [
-        jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.abs(x.astype(jnp.float32)))]) for x in leaves
-    ]
-
-
 def weights_fingerprint(module: nnx.Module) -> str:
     """A cheap fingerprint of a module's parameters: paths, shapes, dtypes, sum and abs-sum of each.
 
-    Any training step or different initialisation changes it; it is not a cryptographic hash.
+    Any training step or different initialisation changes it; it is not a cryptographic hash
+    (`files.params_stats_sha256` of the module's `nnx.Param`s, shortened).
     """
-    state = nnx.state(module, nnx.Param)
-    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
-    sums = _leaf_sums([leaf for _, leaf in flat])
-    h = hashlib.sha256()
-    for (path, leaf), s in zip(flat, sums):
-        h.update(f"{jax.tree_util.keystr(path)}:{leaf.shape}:{leaf.dtype}:".encode())
-        h.update(np.asarray(s, np.float32).tobytes())
-    return h.hexdigest()[:16]
+    return files.params_stats_sha256(nnx.state(module, nnx.Param))[:16]

@@ -1,8 +1,8 @@
 """Encoded prompts on disk, in front of any `TextEncoder`, so repeats cost nothing.
 
 Owns: `PromptCache` (one verified `.npz` per encoder identity, prompt and text_len; atomic writes
-in `PromptCache._write`, verified reads in `PromptCache._read`) and `_digest`, the data digest
-stored in each file.
+in `PromptCache._write` through `adastate_jax.files`, verified reads in `PromptCache._read`) and the
+data digest stored in each file (`files.sha256_array`).
 
 Must not know: which encoder is behind it (only the `TextEncoder` protocol), tokenizers, the DiT,
 streaming, training. The only directory it touches is the one it is handed.
@@ -10,15 +10,14 @@ streaming, training. The only directory it touches is the one it is handed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
+from adastate_jax import files
 from adastate_jax.text.interface import TextEncoder, as_prompt_list, check_text_embeddings
 
 log = logging.getLogger(__name__)
@@ -31,8 +30,8 @@ class PromptCache:
     holds the embedding without its trailing zero rows, the prompt, the key and a digest of the
     data; reads verify all of them and the shape, so a corrupt, truncated or foreign file is
     recomputed and rewritten (with a warning), never used. Writes go to a temporary file in the
-    same directory and are moved into place with `os.replace` (atomic: readers never see a
-    partial file; concurrent writers of one prompt write the same bytes).
+    same directory and are moved into place with a rename (`files.atomic_open`: readers never see
+    a partial file; concurrent writers of one prompt write the same bytes).
     """
 
     def __init__(self, directory: str | os.PathLike, encoder: TextEncoder):
@@ -53,7 +52,7 @@ class PromptCache:
         blob = json.dumps(
             {"encoder": self._identity, "prompt": prompt, "text_len": self.text_len}, sort_keys=True
         )
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return files.sha256_text(blob)
 
     def path(self, prompt: str) -> str:
         return os.path.join(self.directory, self.key(prompt) + ".npz")
@@ -105,7 +104,7 @@ class PromptCache:
                     f"embedding {emb.dtype}{list(emb.shape)} is not "
                     f"float32 [<= {self.text_len}, {self.text_dim}]"
                 )
-            elif _digest(emb) != digest:
+            elif files.sha256_array(emb) != digest:
                 problems.append("its data does not match its digest")
             if problems:
                 raise ValueError("; ".join(problems))
@@ -121,27 +120,12 @@ class PromptCache:
         emb = np.asarray(emb, np.float32)
         nonzero = np.flatnonzero(np.any(emb != 0, axis=1))
         trimmed = np.ascontiguousarray(emb[: (nonzero[-1] + 1) if len(nonzero) else 0])  # [n, text_dim]
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    embedding=trimmed,
-                    key=np.str_(self.key(prompt)),
-                    prompt=np.str_(prompt),
-                    text_len=np.int64(self.text_len),
-                    digest=np.str_(_digest(trimmed)),
-                )
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path(prompt))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-
-
-def _digest(arr: np.ndarray) -> str:
-    return hashlib.sha256(
-        f"{arr.dtype}{arr.shape}".encode() + np.ascontiguousarray(arr).tobytes()
-    ).hexdigest()
+        with files.atomic_open(self.path(prompt), "wb") as fh:
+            np.savez(
+                fh,
+                embedding=trimmed,
+                key=np.str_(self.key(prompt)),
+                prompt=np.str_(prompt),
+                text_len=np.int64(self.text_len),
+                digest=np.str_(files.sha256_array(trimmed)),
+            )

@@ -3,7 +3,8 @@
 Owns: `Tokenizer` (the protocol: prompts -> ids, mask [B, text_len] int32, plus an `identity`
 string), `SentencePieceTokenizer` (a `.model` used as T5 uses it), `HFTokenizer` (a `transformers`
 tokenizer called as Wan calls it), `load_tokenizer` (local files only, nothing is downloaded),
-`as_tokenizer`, `clean_prompt`; `_file_digest`, the content digest in a tokenizer's identity.
+`as_tokenizer`, `clean_prompt`; `_file_digest`, the content digest in a tokenizer's identity
+(`files.sha256_file`, shortened).
 
 Must not know: the UMT5 model, embeddings, caches, the DiT, streaming, training. Files it reads
 are the ones it is handed.
@@ -11,7 +12,6 @@ are the ones it is handed.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import os
 import re
@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+
+from adastate_jax import files
 
 
 def clean_prompt(text: str) -> str:
@@ -151,8 +153,4 @@ def as_tokenizer(tokenizer) -> Tokenizer:
 
 
 def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return files.sha256_file(path)[:16]

@@ -12,13 +12,12 @@ streaming, training.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from adastate_jax import files
 from adastate_jax.models.umt5 import UMT5Config, UMT5Encoder, load_umt5
 from adastate_jax.text.interface import WAN_TEXT_LEN, as_prompt_list, run_encoder, weights_fingerprint
 from adastate_jax.text.tokenizers import as_tokenizer, clean_prompt
@@ -120,11 +119,5 @@ class UMT5TextEncoder:
 
 
 def _path_stamp(path: str) -> str:
-    """Absolute path + size + mtime of a file, or of every file in a directory."""
-    path = os.path.abspath(path)
-    files = [os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
-    parts = []
-    for f in files:
-        st = os.stat(f)
-        parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    """Absolute path + size + mtime of a file, or of every file in a directory (`files.path_stamp`)."""
+    return files.path_stamp(path)[:16]
