@@ -31,6 +31,7 @@ from collections.abc import Mapping
 
 from adastate_jax import sharding as shd
 from adastate_jax.data.panworld import PanWorldConfig
+from adastate_jax.data.pipeline import SOURCE_NAMES
 from adastate_jax.data.video_source import VideoDataConfig
 from adastate_jax.dataclass_config import closest, coerce
 from adastate_jax.models.umt5 import UMT5Config
@@ -238,7 +239,7 @@ class TrainConfig(_VAETrain, _DMDTrain, _OdeInitTrain, _FlowMatchingTrain, _Comm
 # data: common fields + one sub-section per source
 # --------------------------------------------------------------------------------------------
 
-DATA_SOURCES = ("panworld", "arrayrecord", "video", "ode_trajectories")
+DATA_SOURCES = SOURCE_NAMES  # the source registry's names (`data/pipeline.py`: `SOURCES`)
 DATA_CODECS = ("patch", "none")
 
 

@@ -1,7 +1,8 @@
 """Stored teacher ODE trajectories (`config.data.source='ode_trajectories'`) for `ode_init`.
 
-Owns: the on-disk format written by `launch/make_ode_trajectories.py` and its grain source,
-`make_source(exp) -> (source, None)`, which checks the files against the run before training.
+Owns: the on-disk format written by `launch/make_ode_trajectories.py` (metadata, records, atomic
+resumable shards) and its grain source, `make_source(exp) -> (source, None)`, which checks the
+files against the run before training.
 
 Directory layout (`config.data.paths`: one or more such directories, or shard files in them):
 
@@ -51,21 +52,28 @@ Records given to the trainer (the `ode_init` batch):
     index       int64            position in the concatenated shards (clip order within a directory)
 
 Works with every option of `pipeline.make_dataset` (shuffle, per-host sharding, workers,
-checkpointable iterators): the reading is `pipeline.ArrayRecordSource`'s.
+checkpointable iterators): the reading is `records.ArrayRecordSource`'s.
 
-Must not know: models, training, meshes.
+Writing (the generator, `training/ode_trajectories.py`, runs the teacher; this module owns the files):
+`make_metadata` builds metadata.json, `prepare_directory` writes it atomically or checks a rerun
+against it (all fields but `RESUME_IGNORES` must match, the differing ones are named),
+`pending_shards` deletes leftover temporary shards and checks finished ones' record counts, and
+`write_shard` writes one shard atomically (temporary name, fsync, rename: `adastate_jax.files`).
+
+Must not know: models, training, meshes (records arrive as arrays).
 """
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
 
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordReader
 
-from adastate_jax.data import pipeline
+from adastate_jax import files
+from adastate_jax.data import records
 
 FORMAT = "adastate-ode-trajectories"
 VERSION = 1
@@ -255,11 +263,135 @@ def resolve_paths(paths) -> list[tuple[str, dict, int, int]]:
 
 
 # --------------------------------------------------------------------------------------------
+# Writing (the generator's side of the format)
+# --------------------------------------------------------------------------------------------
+
+# metadata fields a resumed run may change (the records do not depend on them; the teacher is
+# identified by its params fingerprint, not its path)
+RESUME_IGNORES = ("teacher_path", "student_model", "sampler")
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def make_metadata(
+    *,
+    teacher_path: str,
+    teacher_params_sha256: str,
+    teacher_model: dict,
+    student_model: dict,
+    sampler: dict,
+    sampler_timesteps,
+    ode_substeps: int,
+    teacher_guidance: float,
+    teacher_attention: str,
+    chunk_frames: int,
+    prompt_data: dict,
+    text_kind: str,
+    text_format: str,
+    text_shape,
+    text_encoder_seed: int,
+    clip_shape,
+    storage_dtype: str,
+    noise_seed: int,
+    prng_impl: str,
+    num_clips: int,
+    clips_per_file: int,
+) -> dict:
+    """metadata.json of a trajectory directory (JSON types only; see the module docstring).
+
+    Adds `format`, `version`, `trajectory_shape`
+    ([n timesteps, *clip_shape]) and the shard file names."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype {storage_dtype!r}: choose from {STORAGE_DTYPES}")
+    if text_format not in TEXT_FORMATS:
+        raise ValueError(f"text format {text_format!r}: choose from {TEXT_FORMATS}")
+    timesteps = [float(t) for t in sampler_timesteps]
+    counts = shard_counts(num_clips, clips_per_file)
+    return _jsonable(
+        dict(
+            format=FORMAT,
+            version=VERSION,
+            teacher_path=teacher_path,
+            teacher_params_sha256=teacher_params_sha256,
+            teacher_model=teacher_model,
+            student_model=student_model,
+            sampler=sampler,
+            sampler_timesteps=timesteps,
+            ode_substeps=ode_substeps,
+            teacher_guidance=teacher_guidance,
+            teacher_attention=teacher_attention,
+            chunk_frames=chunk_frames,
+            prompt_data=prompt_data,
+            text_kind=text_kind,
+            text_format=text_format,
+            text_shape=list(text_shape),
+            text_encoder_seed=text_encoder_seed,
+            clip_shape=list(clip_shape),
+            trajectory_shape=[len(timesteps), *clip_shape],
+            storage_dtype=storage_dtype,
+            noise_seed=int(noise_seed),
+            prng_impl=prng_impl,
+            num_clips=int(num_clips),
+            clips_per_file=int(clips_per_file),
+            shards=[shard_name(s, len(counts)) for s in range(len(counts))],
+        )
+    )
+
+
+def prepare_directory(out_dir: str, meta: dict) -> None:
+    """Create `out_dir` and write `meta` as its metadata.json (atomically, before any shard), or,
+    when one exists, check that a rerun generates the same records: every field but
+    `RESUME_IGNORES` must be equal, else a ValueError naming the differing fields."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, METADATA)
+    if not os.path.exists(meta_path):
+        files.write_json_atomic(meta_path, meta)
+        return
+    with open(meta_path) as fh:
+        old = json.load(fh)
+    diff = sorted(k for k in set(old) | set(meta) if k not in RESUME_IGNORES and old.get(k) != meta.get(k))
+    if diff:
+        raise ValueError(
+            f"{meta_path} was written with other settings ({', '.join(diff)} differ, e.g. {diff[0]}: "
+            f"stored {old.get(diff[0])!r}, now {meta.get(diff[0])!r}); use another --out_dir"
+        )
+
+
+def pending_shards(out_dir: str, meta: dict) -> tuple[list[int], list[int]]:
+    """(shards to generate, finished shards) of a prepared directory. Leftover temporary shards of
+    a killed run are deleted; a finished shard must hold the records the metadata says (else a
+    ValueError naming it)."""
+    counts = shard_counts(meta["num_clips"], meta["clips_per_file"])
+    todo, done = [], []
+    for s, (name, n) in enumerate(zip(meta["shards"], counts)):
+        path = os.path.join(out_dir, name)
+        for stale in glob.glob(os.path.join(out_dir, files.temp_prefix(name) + "*")):
+            os.remove(stale)  # an unfinished shard of a killed run
+        if not os.path.exists(path):
+            todo.append(s)
+            continue
+        have = records.count_records(path)
+        if have != n:
+            raise ValueError(f"{path}: {have} records, expected {n}; delete it and rerun to regenerate it")
+        done.append(s)
+    return todo, done
+
+
+def write_shard(path: str, raw_records) -> int:
+    """Write the serialized records (an iterable of bytes, `serialize_record`) of one shard to
+    `path` atomically (a temporary `.NAME.tmp-*` renamed when complete); returns the count."""
+    with files.atomic_path(path) as tmp:
+        return records.write_arrayrecord(tmp, raw_records)
+
+
+# --------------------------------------------------------------------------------------------
 # The source
 # --------------------------------------------------------------------------------------------
 
 
-class TrajectorySource(pipeline.ArrayRecordSource):
+class TrajectorySource(records.ArrayRecordSource):
     """Stored trajectory shards -> {'trajectory', 'latents' (= x0), 'prompt_ids' | 'text', 'index'}."""
 
     def __init__(self, files, trajectory_shape, text_format_: str, storage_dtype: str, expected=None):
@@ -268,9 +400,7 @@ class TrajectorySource(pipeline.ArrayRecordSource):
             for path, (n, first) in zip(files, expected):
                 detail = None
                 try:
-                    r = ArrayRecordReader(str(path))
-                    have = r.num_records()
-                    r.close()
+                    have = records.count_records(path)
                     if have != n:
                         detail = f"{have} records"
                 except Exception as e:  # noqa: BLE001

@@ -1,6 +1,6 @@
 """Video files as a grain data source: decoded, centre-cropped, resized, optionally PatchCodec-encoded.
 
-`config.data.source = 'video'` (`pipeline.make_dataset` calls `make_source(exp)`). The pipeline
+`config.data.source = 'video'` (`pipeline.SOURCES` registers `make_source(exp)`). The pipeline
 around it is the one every source shares (per-host shard, shuffle, repeat, encode, batch, worker
 processes, checkpointable iterator state); this module owns the files, the clip table, decoding and
 the per-clip text.
@@ -39,10 +39,11 @@ imported lazily; without it the error names the `video` extra (`pip install -e '
 
 Encoding (`config.data.codec`, absent = 'patch'):
   'patch'  `latents [T, H/p, W/p, C]`: the clip through the fixed PatchCodec of `config.vae`
-           (kind 'patch'), exactly as PanWorld clips are encoded (`pipeline.EncodePanWorld`'s codec)
+           (kind 'patch'), exactly as PanWorld clips are encoded (`records.EncodePatch`)
   'none'   `video [T, H, W, 3]` pixels in [-1, 1] (the 'vae' objective)
 Heavy encoders (the Wan VAE, UMT5) are not run in data workers: `launch/encode_videos.py` encodes
-clips and captions once, into ArrayRecord shards that `config.data.source='arrayrecord'` reads.
+clips and captions once (`data/latents.py`), into ArrayRecord shards that
+`config.data.source='arrayrecord'` reads.
 
 Captions (`config.data.video.captions`):
   ''          a sidecar text file per video: `<video without extension>.txt` (else `<video>.txt`)
@@ -77,21 +78,21 @@ Errors: a file that cannot be opened, or has no frames, at construction: ValueEr
 A clip that cannot be read (corrupt or truncated file, too few frames, a file changed since the
 table was built): ValueError "bad record <index>: video file <path>, frames ...: <reason>".
 
-Must not know: models (but the PatchCodec, through `pipeline.EncodePanWorld`), training, checkpoints.
+Must not know: the pipeline and the other sources (it imports `records` only, and `panworld`'s word
+list lazily), models (but the PatchCodec, through `records.EncodePatch`), training, checkpoints.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import glob
 import json
 import logging
 import os
 
 import numpy as np
 
-from adastate_jax.data import pipeline
+from adastate_jax.data import records
 
 log = logging.getLogger(__name__)
 
@@ -126,52 +127,6 @@ def _cv2():
             "pip install -e '.[video]' (opencv-python-headless)"
         ) from e
     return cv2
-
-
-# --------------------------------------------------------------------------------------------
-# Paths
-# --------------------------------------------------------------------------------------------
-
-
-def expand_paths(entries, extensions=VIDEO_EXTENSIONS, what: str = "config.data.paths") -> list[str]:
-    """Files, directories (recursive) and glob patterns -> a sorted, de-duplicated list of files.
-
-    Directories and globs keep files whose (lowercase) extension is in `extensions`; files named
-    explicitly are always kept. Each entry is sorted; entries keep their order; an entry matching
-    nothing raises a ValueError naming it.
-    """
-    if isinstance(entries, (str, os.PathLike)):
-        entries = [entries]
-    entries = [os.fspath(e) for e in entries]
-    if not entries:
-        raise ValueError(f"{what}: no paths given")
-    exts = tuple(e.lower() for e in extensions)
-    out, seen = [], set()
-    for entry in entries:
-        path = os.path.expanduser(entry)
-        if os.path.isdir(path):
-            found = [
-                os.path.join(root, f)
-                for root, _, files in os.walk(path, followlinks=True)
-                for f in files
-                if f.lower().endswith(exts)
-            ]
-        elif glob.has_magic(path):
-            found = [
-                p for p in glob.glob(path, recursive=True) if os.path.isfile(p) and p.lower().endswith(exts)
-            ]
-        elif os.path.isfile(path):
-            found = [path]
-        else:
-            raise ValueError(f"{what}: {entry!r} does not exist")
-        if not found:
-            raise ValueError(f"{what}: {entry!r} matches no file ending in {', '.join(exts)}")
-        for p in sorted(found):
-            key = os.path.abspath(p)
-            if key not in seen:
-                seen.add(key)
-                out.append(p)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,20 +557,6 @@ class VideoSource:
         )
 
 
-class EncodeVideoPatch(pipeline.EncodePanWorld):
-    """Video record -> {'latents', text field, 'index'}: the clip through the PatchCodec, with
-    `EncodePanWorld`'s codec (the same module, built lazily in each worker)."""
-
-    def map(self, record):
-        z = np.asarray(self._codec().encode(record["video"][None]))[0]  # [T, H/p, W/p, C]
-        out = {"latents": z.astype(np.float32)}
-        for k in ("prompt_ids", "text"):
-            if k in record:
-                out[k] = record[k]
-        out["index"] = np.int64(record["index"])
-        return out
-
-
 CAPTION_MISSING = ("error", "empty")
 
 
@@ -650,7 +591,7 @@ def source_from_config(exp, text: str | None = None) -> VideoSource:
     carry ('none', 'words', 'embeddings'); default from `config.text.kind` (see the module docstring)."""
     vc = exp.data.video
     spec = vc.clip
-    files = expand_paths(exp.data.paths)
+    files = records.expand_paths(exp.data.paths, VIDEO_EXTENSIONS)
     captions = None
     if vc.captions != "none":
         captions = load_captions(files, vc.captions, vc.missing_caption)
@@ -695,7 +636,8 @@ def source_from_config(exp, text: str | None = None) -> VideoSource:
 
 
 def make_source(exp):
-    """`pipeline.make_dataset`'s hook: (VideoSource, encode transform or None)."""
+    """`config.data.source='video'` (registered in `pipeline.SOURCES`): (VideoSource, encode
+    transform or None)."""
     codec = exp.data.codec
     if codec == "patch" and exp.vae.kind != "patch":
         raise ValueError(
@@ -712,11 +654,11 @@ def make_source(exp):
         )
     if codec == "none":
         return source, None
-    spec = pipeline.codec_spec(exp)
+    spec = records.codec_spec(exp)
     s = source.spec
     if s.height % spec.patch or s.width % spec.patch:
         raise ValueError(
             f"config.data.video: frames {s.height}x{s.width} are not divisible by the PatchCodec's "
             f"patch {spec.patch}"
         )
-    return source, EncodeVideoPatch(spec)
+    return source, records.EncodePatch(spec)

@@ -1,23 +1,25 @@
-"""The video-file source (`config.data.source='video'`) and `launch/encode_videos.py`.
+"""The video-file source (`config.data.source='video'`) and the latents encoder (`data/latents.py`,
+`launch/encode_videos.py`).
 
 Tiny PanWorld videos are written to disk losslessly (FFV1 in .avi: decoded frames must equal the
 written ones bit for bit) and as H.264 (.mp4, crf 0, yuv444p: within 2 levels of 255 after the
 RGB <-> YUV round trip).
 """
 
-import functools
-import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 cv2 = pytest.importorskip("cv2")
 
+from adastate_jax import build  # noqa: E402
 from adastate_jax.config import parse  # noqa: E402
-from adastate_jax.data import panworld, pipeline, video_source  # noqa: E402
+from adastate_jax.data import latents, panworld, pipeline, records, video_source  # noqa: E402
 from adastate_jax.models.vae import PatchCodec  # noqa: E402
 from tests.training.conftest_helpers import REPO, one_device_mesh, panworld_config  # noqa: E402
 
@@ -106,17 +108,20 @@ def test_clip_table_and_decoded_frames_match_the_written_video(videos):
         assert rec["index"] == i and rec["prompt_ids"].shape == (8,)
     # one clip per file, or at most 2 per file
     assert len(video_source.source_from_config(parse(video_cfg([d], clip_stride=0)))) == 3
-    assert len(video_source.source_from_config(parse(video_cfg([d], clip_stride=1, max_clips_per_file=2)))) == 6
+    assert (
+        len(video_source.source_from_config(parse(video_cfg([d], clip_stride=1, max_clips_per_file=2)))) == 6
+    )
 
 
 def test_paths_globs_and_files_expand_sorted_and_deduplicated(videos, tmp_path):
     d, _ = videos
-    got = video_source.expand_paths([str(d / "*.avi"), str(d / "c.mp4"), str(d / "a.avi"), str(d)])
+    exts = video_source.VIDEO_EXTENSIONS
+    got = records.expand_paths([str(d / "*.avi"), str(d / "c.mp4"), str(d / "a.avi"), str(d)], exts)
     assert [os.path.basename(p) for p in got] == ["a.avi", "b.avi", "c.mp4"]
     with pytest.raises(ValueError, match="does not exist"):
-        video_source.expand_paths([str(tmp_path / "nope.mp4")])
+        records.expand_paths([str(tmp_path / "nope.mp4")], exts)
     with pytest.raises(ValueError, match="matches no file"):
-        video_source.expand_paths([str(tmp_path / "*.webm")])
+        records.expand_paths([str(tmp_path / "*.webm")], exts)
 
 
 def test_centre_crop_then_area_resize(tmp_path):
@@ -168,9 +173,9 @@ def test_lying_metadata_truncated_and_corrupt_files_are_named(videos, tmp_path):
     )
 
     # trusting the metadata: the clip table runs past the end and the read names file and index
-    src = video_source.source_from_config(parse(
-        video_cfg([d / "b.avi", trunc], clip_stride=1, frame_count="metadata")
-    ))
+    src = video_source.source_from_config(
+        parse(video_cfg([d / "b.avi", trunc], clip_stride=1, frame_count="metadata"))
+    )
     assert len(src) == 11 + 15
     with pytest.raises(ValueError, match=r"bad record 25: video file .*trunc\.avi, frames 14\.\.19"):
         src[25]
@@ -282,7 +287,9 @@ def test_shuffle_is_deterministic_and_host_shards_are_disjoint_and_cover(videos)
     cfg.data.seed = 1
     assert list(_indices(pipeline.make_iterator(parse(cfg)), 3)) != list(first)
     # 2 hosts, local batch 2: one epoch is 3 batches per host
-    shards = [_indices(pipeline.make_iterator(parse(cfg), process_index=h, process_count=2), 3) for h in range(2)]
+    shards = [
+        _indices(pipeline.make_iterator(parse(cfg), process_index=h, process_count=2), 3) for h in range(2)
+    ]
     assert all(len(set(s)) == 6 for s in shards)
     assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) == set(range(12))
 
@@ -341,34 +348,32 @@ def test_train_two_steps_on_video_files(videos, tmp_path):
         loop.setup(cfg, str(tmp_path / "bad"), one_device_mesh())
 
 
-@functools.cache
-def _encode_videos_module():  # once: the module defines absl flags
-    spec = importlib.util.spec_from_file_location(
-        "encode_videos_cli", os.path.join(REPO, "launch", "encode_videos.py")
+def encode(cfg, out="", **options):
+    """`latents.encode_videos` with the parts `launch/encode_videos.py` builds (`build`)."""
+    exp = parse(cfg)
+    opts = latents.EncodeOptions(out=out, **options)
+    return latents.encode_videos(
+        exp,
+        opts,
+        text_encoder=lambda: build.text_encoder(exp, opts.text_checkpoint),
+        codec=lambda: build.vae_module(exp, opts.vae_checkpoint),
+        progress=False,
     )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_encode_videos_writes_arrayrecord_shards_that_train_reads(videos, tmp_path):
     pytest.importorskip("array_record")
-    tool = _encode_videos_module()
     d, _ = videos
     cfg = video_cfg([d], clip_stride=4)  # 12 clips
     out = str(tmp_path / "latents")
     emb_path = str(tmp_path / "captions.npz")
-    summary = tool.encode_videos(
-        cfg, out, shard_size=5, batch_size=4, embeddings_out=emb_path, progress=False
-    )
+    summary = encode(cfg, out, shard_size=5, batch_size=4, embeddings_out=emb_path)
     assert [os.path.basename(p) for p in summary["written"]] == [
         f"shard-0000{k}-of-00003.array_record" for k in range(3)
     ]
-    ar = pipeline.LatentsArrayRecordSource(summary["paths"])
+    ar = records.LatentsArrayRecordSource(summary["paths"])
     assert len(ar) == 12
     src = video_source.source_from_config(parse(cfg))
-    from adastate_jax import build
-
     words = build.text_encoder(parse(cfg))
     for i in (0, 7, 11):
         rec = ar[i]
@@ -390,10 +395,11 @@ def test_encode_videos_writes_arrayrecord_shards_that_train_reads(videos, tmp_pa
     batch = next(pipeline.make_iterator(parse(cfg_ar)))
     assert batch["latents"].shape == (2, 6, 8, 8, 48) and batch["text"].shape == (2, 8, 32)
     # re-running resumes (complete shards are kept); other settings need --overwrite
-    again = tool.encode_videos(cfg, out, shard_size=5, batch_size=4, progress=False)
+    again = encode(cfg, out, shard_size=5, batch_size=4)
     assert again["written"] == [] and len(again["skipped"]) == 3
     with pytest.raises(ValueError, match="--overwrite"):
-        tool.encode_videos(cfg, out, shard_size=4, progress=False)
+        encode(cfg, out, shard_size=4)
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]  # every file was renamed into place
     # the caption table feeds the video source with text.kind='embeddings'
     cfg.text.kind = "embeddings"
     cfg.text.embeddings_path = emb_path
@@ -402,22 +408,73 @@ def test_encode_videos_writes_arrayrecord_shards_that_train_reads(videos, tmp_pa
     assert "prompt_ids" not in rec
 
 
+def test_encoder_options_and_run_errors_name_the_flag_or_field(videos):
+    d, _ = videos
+    for options, message in (
+        (dict(), "give --out"),
+        (dict(out="x", shard_size=0), "--shard_size 0"),
+        (dict(out="x", batch_size=0), "--batch_size 0"),
+        (dict(out="x", num_tasks=2, task_index=2), r"--task_index 2 outside \[0, --num_tasks 2\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            latents.EncodeOptions(**options)
+    opts = latents.EncodeOptions(out="x")
+    cfg = video_cfg([d], captions="none")
+    with pytest.raises(ValueError, match="config.data.video.captions='none'"):
+        latents.check_run(parse(cfg), opts)
+    cfg = video_cfg([d])
+    cfg.vae.kind = "none"
+    with pytest.raises(ValueError, match="config.vae.kind='none'"):
+        latents.check_run(parse(cfg), opts)
+    cfg.vae.kind = "wan"
+    with pytest.raises(ValueError, match="--vae_checkpoint"):
+        latents.check_run(parse(cfg), opts)
+    latents.check_run(parse(cfg), latents.EncodeOptions(out="x", random_vae=True))
+
+
+def test_command_line_writes_shards_and_caption_embeddings(videos, tmp_path):
+    """One subprocess: flags -> `latents.encode_videos` with the config's codec and text encoder."""
+    pytest.importorskip("array_record")
+    d, _ = videos
+    out, emb = tmp_path / "latents", tmp_path / "captions.npz"
+    cmd = [
+        sys.executable, os.path.join(REPO, "launch", "encode_videos.py"),
+        "--config=" + os.path.join(REPO, "configs", "panworld.py") + ":teacher",
+        "--config.data.source=video", f"--config.data.paths=('{d / 'a.avi'}',)",
+        "--config.data.video.num_frames=6", "--config.data.video.clip_stride=6",
+        f"--out={out}", f"--embeddings_out={emb}", "--shard_size=2", "--batch_size=2", "--max_clips=3",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shards = (out / "paths.txt").read_text().split()
+    assert [len(records.LatentsArrayRecordSource([p])) for p in shards] == [2, 1]
+    assert "--config.data.source=arrayrecord" in r.stderr  # the hint is logged
+    with np.load(emb) as z:
+        assert list(z["prompts"]) == [videos[1]["a.avi"][1]]  # the one caption of a.avi
+
+
 @pytest.mark.slow  # compiling the Wan VAE encoder takes ~10-40 s on 2 shared CPU cores
 def test_encode_videos_with_a_wan_vae(videos, tmp_path):
     pytest.importorskip("array_record")
 
-    tool = _encode_videos_module()
     d, _ = videos
     cfg = video_cfg([d / "a.avi"], num_frames=9, clip_stride=8)  # 2 clips of 9 = 1 + 2 * 4 frames
     cfg.vae.kind = "wan"
     w = cfg.vae.wan
-    w.base_dim, w.z_dim, w.dim_mult, w.num_res_blocks, w.temporal_downsample = 8, 8, (1, 2, 2), 1, (False, True)
+    w.base_dim, w.z_dim, w.dim_mult, w.num_res_blocks, w.temporal_downsample = (
+        8,
+        8,
+        (1, 2, 2),
+        1,
+        (False, True),
+    )
     with w.unlocked():
         w.latents_mean = w.latents_std = None
     cfg.model.in_channels = cfg.model.out_channels = 8
     with pytest.raises(ValueError, match="--vae_checkpoint"):
-        tool.encode_videos(cfg, str(tmp_path / "x"), progress=False)
-    summary = tool.encode_videos(cfg, str(tmp_path / "wan"), random_vae=True, batch_size=2, progress=False)
-    ar = pipeline.LatentsArrayRecordSource(summary["paths"])
+        encode(cfg, str(tmp_path / "x"))
+    summary = encode(cfg, str(tmp_path / "wan"), random_vae=True, batch_size=2)
+    ar = records.LatentsArrayRecordSource(summary["paths"])
     assert len(ar) == 2 and ar[1]["latents"].shape == (5, 8, 8, 8)  # x2 in time (1 + 4 latents), x4 in space
     assert np.all(np.isfinite(ar[1]["latents"]))

@@ -1,13 +1,16 @@
-"""Stored teacher ODE trajectories for `ode_init` (launch/make_ode_trajectories.py, data/trajectories.py):
-records reproduce `teacher_trajectory` from their seed and prompt, the stored and on-the-fly losses
-agree on the same trajectory, training on stored trajectories lowers the loss with no teacher in the
-state, mismatches with the run and bad shards are named, the generator resumes."""
+"""Stored teacher ODE trajectories for `ode_init` (training/ode_trajectories.py writes them through
+data/trajectories.py; launch/make_ode_trajectories.py is its command line): records reproduce
+`teacher_trajectory` from their seed and prompt, the stored and on-the-fly losses agree on the same
+trajectory, training on stored trajectories lowers the loss with no teacher in the state, mismatches
+with the run and bad shards are named, the generator resumes, the teacher's fingerprint is
+`files.params_sha256`, the command line runs the same generator."""
 
 import dataclasses
-import importlib.util
 import io
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +18,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from adastate_jax import build
+from adastate_jax import build, files
 from adastate_jax import config as config_lib
 from adastate_jax.data import panworld
 from adastate_jax.data import trajectories as tj
 from adastate_jax.models import checkpoint_io, wan
-from adastate_jax.training import loop
+from adastate_jax.training import loop, ode_trajectories
 from adastate_jax.training.objectives import flow_matching as fm
 from adastate_jax.training.objectives import ode_init
 from tests.training.conftest_helpers import REPO, one_device_mesh, panworld_config, read_metrics
@@ -31,15 +34,6 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 NUM_CLIPS, PER_FILE, SEED = 6, 4, 7
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location(
-        "make_ode_trajectories_for_tests", os.path.join(REPO, "launch", "make_ode_trajectories.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _cfg(arg="ode", **train):
     cfg = panworld_config(arg, init_from="", ode_substeps=2, **train)
     cfg.sampler.denoising_steps = (1000, 500)
@@ -48,10 +42,10 @@ def _cfg(arg="ode", **train):
 
 
 def _generate(cfg, out, **kw):
-    args = dict(
-        num_clips=NUM_CLIPS, clips_per_file=PER_FILE, batch_size=2, noise_seed=SEED, log=lambda m: None
+    args = dict(num_clips=NUM_CLIPS, clips_per_file=PER_FILE, batch_size=2, noise_seed=SEED)
+    return ode_trajectories.generate(
+        config_lib.parse(cfg), str(out), mesh=one_device_mesh(), **{**args, **kw}
     )
-    return _generator().generate(cfg, str(out), mesh=one_device_mesh(), **{**args, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +76,7 @@ def _stored_cfg(path, **train):
 
 def test_record_equals_teacher_trajectory_from_its_seed_and_prompt(stored, teacher):
     cfg = _stored_cfg(stored)
-    source, encode = tj.make_source(cfg)
+    source, encode = tj.make_source(config_lib.parse(cfg))
     assert encode is None and len(source) == NUM_CLIPS
     clip = 5  # in the second shard
     rec = source[clip]
@@ -168,12 +162,12 @@ def test_mismatched_run_raises_naming_the_field(stored):
         (lambda c: setattr(c.text, "kind", "embeddings"), "config.text.kind"),
         (lambda c: setattr(c, "seed", 1), "config.seed"),
     ]
-    tj.make_source(_stored_cfg(stored))  # the matching run is fine
+    tj.make_source(config_lib.parse(_stored_cfg(stored)))  # the matching run is fine
     for change, field in cases:
         cfg = _stored_cfg(stored)
         change(cfg)
         with pytest.raises(ValueError, match=field.replace(".", r"\.")) as e:
-            tj.make_source(cfg)
+            tj.make_source(config_lib.parse(cfg))
         assert "metadata.json" in str(e.value), str(e.value)
 
 
@@ -185,7 +179,7 @@ def test_bad_shards_raise_naming_file_and_index(stored, tmp_path):
     data = shard0.read_bytes()
     shard0.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"bad shard .*trajectories-00000-of-00002.*records 0\.\.3"):
-        tj.make_source(_stored_cfg(cut))
+        tj.make_source(config_lib.parse(_stored_cfg(cut)))
 
     # a record that does not decode, and one of the wrong shape, in the second shard
     bad = tmp_path / "bad"
@@ -198,7 +192,7 @@ def test_bad_shards_raise_naming_file_and_index(stored, tmp_path):
     w.write(b"not an npz" * 10)
     w.write(wrong)
     w.close()
-    source, _ = tj.make_source(_stored_cfg(bad))
+    source, _ = tj.make_source(config_lib.parse(_stored_cfg(bad)))
     with pytest.raises(ValueError, match=r"bad record 0 of .*trajectories-00001-of-00002.*global index 4"):
         source[4]
     with pytest.raises(ValueError, match=r"bad record 1 of .*trajectories-00001-of-00002.*trajectory_shape"):
@@ -209,7 +203,7 @@ def test_bad_shards_raise_naming_file_and_index(stored, tmp_path):
     shutil.copytree(stored, missing)
     os.remove(missing / tj.shard_name(1, 2))
     with pytest.raises(ValueError, match=r"incomplete, 1 of 2 shards missing"):
-        tj.make_source(_stored_cfg(missing))
+        tj.make_source(config_lib.parse(_stored_cfg(missing)))
 
 
 def test_generator_resumes_skipping_finished_shards(stored, teacher, tmp_path):
@@ -243,3 +237,48 @@ def test_half_precision_storage_roundtrip():
         np.testing.assert_allclose(back, x, rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="storage dtype bfloat16"):
         tj.from_storage(x.astype(np.float16), "bfloat16")
+
+
+def test_stored_teacher_fingerprint_is_params_sha256_of_the_teacher(stored, teacher):
+    meta = tj.read_metadata(str(stored))
+    assert meta["teacher_params_sha256"] == files.params_sha256(teacher[1])
+    assert not meta["teacher_params_sha256"].startswith("shapes-only")
+
+
+def test_generator_errors_name_the_flag_or_config_field(teacher, tmp_path):
+    cases = [
+        (dict(num_clips=0), "--num_clips=0"),
+        (dict(clips_per_file=0), "--clips_per_file=0"),
+        (dict(storage_dtype="int8"), "--storage_dtype 'int8'"),
+    ]
+    for kw, message in cases:
+        args = dict(num_clips=2, clips_per_file=2, batch_size=2, storage_dtype="float32", **kw)
+        with pytest.raises(ValueError, match=message):
+            ode_trajectories.check_options(**args)
+    with pytest.raises(ValueError, match="config.data.source='ode_trajectories'"):
+        _generate(_stored_cfg(tmp_path), tmp_path / "a")
+    with pytest.raises(ValueError, match="config.train.teacher_path"):
+        _generate(_cfg(teacher_path=""), tmp_path / "b")
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_command_line_resumes_the_directory_the_library_wrote(stored, teacher, tmp_path):
+    """One subprocess: the flags reach `generate` (the same settings: metadata.json is accepted,
+    every shard is found finished, nothing is compiled) and progress is logged."""
+    out = tmp_path / "cli"
+    shutil.copytree(stored, out)
+    before = (out / tj.METADATA).read_text()
+    cmd = [
+        sys.executable, os.path.join(REPO, "launch", "make_ode_trajectories.py"),
+        "--config=" + os.path.join(REPO, "configs", "panworld.py") + ":ode",
+        f"--config.train.teacher_path={teacher[0]}", "--config.train.init_from=",
+        "--config.train.ode_substeps=2", "--config.sampler.denoising_steps=(1000, 500)",
+        "--config.model.num_layers=1", "--config.data.panworld.num_frames=6",
+        f"--out_dir={out}", f"--num_clips={NUM_CLIPS}", f"--clips_per_file={PER_FILE}",
+        "--batch_size=2", f"--noise_seed={SEED}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 finished, generating 0" in r.stderr, r.stderr[-3000:]
+    assert (out / tj.METADATA).read_text() == before

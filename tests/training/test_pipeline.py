@@ -1,11 +1,12 @@
 """Training input pipelines: PanWorld -> PatchCodec latents, per-host shards, exact iterator
-resume, ArrayRecord latents (writer + source), bad records named by file and index."""
+resume, ArrayRecord latents (writer + source), bad records named by file and index, one source
+registry that the config schema reads."""
 
 import numpy as np
 import pytest
 
 from adastate_jax.config import parse
-from adastate_jax.data import pipeline
+from adastate_jax.data import pipeline, records
 from adastate_jax.models.vae import PatchCodec
 from tests.training.conftest_helpers import panworld_config
 
@@ -44,8 +45,8 @@ def test_arrayrecord_latents_roundtrip_and_bad_record_names_file_and_index(tmp_p
         (rng.normal(size=(6, 8, 8, 48)).astype(np.float32), rng.normal(size=(8, 32)).astype(np.float32))
         for _ in range(5)
     ]
-    assert pipeline.write_latents_arrayrecord(path, recs) == 5
-    src = pipeline.LatentsArrayRecordSource([path])
+    assert records.write_latents_arrayrecord(path, recs) == 5
+    src = records.LatentsArrayRecordSource([path])
     assert len(src) == 5
     np.testing.assert_array_equal(src[3]["latents"], recs[3][0])
     np.testing.assert_array_equal(src[3]["text"], recs[3][1])
@@ -63,7 +64,7 @@ def test_arrayrecord_latents_roundtrip_and_bad_record_names_file_and_index(tmp_p
     w.write(b"not an npz")
     w.close()
     with pytest.raises(ValueError, match=r"bad record 0 of .*bad\.array_record"):
-        pipeline.LatentsArrayRecordSource([path, bad])[5]
+        records.LatentsArrayRecordSource([path, bad])[5]
 
 
 def test_arrayrecord_paths_accept_directories_and_globs(tmp_path):
@@ -73,7 +74,7 @@ def test_arrayrecord_paths_accept_directories_and_globs(tmp_path):
     shards.mkdir()
     for i, n in enumerate((3, 2)):
         recs = [(np.full((6, 8, 8, 48), 10 * i + j, np.float32), rng.normal(size=(8, 32))) for j in range(n)]
-        pipeline.write_latents_arrayrecord(str(shards / f"shard-{i}.array_record"), recs)
+        records.write_latents_arrayrecord(str(shards / f"shard-{i}.array_record"), recs)
     (shards / "notes.txt").write_text("not a shard")
     cfg = panworld_config("teacher", batch_size=1)
     cfg.data.source, cfg.data.shuffle = "arrayrecord", False
@@ -89,3 +90,18 @@ def test_arrayrecord_paths_accept_directories_and_globs(tmp_path):
 def _take(cfg, n):
     it = pipeline.make_iterator(parse(cfg))
     return [next(it) for _ in range(n)]
+
+
+def test_one_source_registry_names_the_config_field():
+    from types import SimpleNamespace
+
+    from adastate_jax.config import schema
+
+    assert schema.DATA_SOURCES is pipeline.SOURCE_NAMES == tuple(pipeline.SOURCES)
+    cfg = panworld_config("teacher")
+    cfg.data.source = "webdataset"
+    with pytest.raises(ValueError, match=r"config\.data\.source.*'webdataset'.*arrayrecord"):
+        parse(cfg)
+    exp = SimpleNamespace(data=SimpleNamespace(source="webdataset"))  # past the schema
+    with pytest.raises(ValueError, match=r"config\.data\.source: unknown source 'webdataset'"):
+        pipeline.source_and_encode(exp)
