@@ -12,7 +12,7 @@ draws its starting noise from `--noise_seed` and i, and runs the objective's own
 `teacher_trajectory`, jitted over batches of `--batch_size` clips sharded over the mesh's batch
 axes. The records and `metadata.json` are described in `adastate_jax/data/trajectories.py`.
 
-Files are atomic: a shard is written to `.NAME.tmp-PID` and renamed when complete; metadata.json
+Files are atomic: a shard is written to `.NAME.tmp-XXXXXXXX` and renamed when complete; metadata.json
 likewise (written first). Re-running the same command resumes: finished shards are skipped (their
 record count is checked), leftover temp files are deleted and their shards regenerated; a rerun
 with different settings (teacher params, config, clip count, ...) into the same directory is

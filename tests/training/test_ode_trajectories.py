@@ -252,7 +252,7 @@ def test_generator_errors_name_the_flag_or_config_field(teacher, tmp_path):
         (dict(storage_dtype="int8"), "--storage_dtype 'int8'"),
     ]
     for kw, message in cases:
-        args = dict(num_clips=2, clips_per_file=2, batch_size=2, storage_dtype="float32", **kw)
+        args = {**dict(num_clips=2, clips_per_file=2, batch_size=2, storage_dtype="float32"), **kw}
         with pytest.raises(ValueError, match=message):
             ode_trajectories.check_options(**args)
     with pytest.raises(ValueError, match="config.data.source='ode_trajectories'"):
@@ -277,7 +277,8 @@ def test_command_line_resumes_the_directory_the_library_wrote(stored, teacher, t
         f"--out_dir={out}", f"--num_clips={NUM_CLIPS}", f"--clips_per_file={PER_FILE}",
         "--batch_size=2", f"--noise_seed={SEED}",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 finished, generating 0" in r.stderr, r.stderr[-3000:]
