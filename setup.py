@@ -25,6 +25,7 @@ setup(
         "tqdm>=4.66,<5",
         "absl-py>=2.1,<3",
         "matplotlib>=3.8,<4",
+        "scipy>=1.15,<2",  # bootstrap intervals (scipy.stats.bootstrap with rng=)
     ],
     extras_require={
         # The parity oracles: diffusers / transformers modules run on CPU from tiny random configs.
