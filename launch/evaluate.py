@@ -36,7 +36,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -111,14 +111,14 @@ def main(argv):
         harness.panworld_config(geo.height, geo.width, settings.world_seed)  # a frame size PanWorld can draw
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    print(
+    logging.info(
         f"held-out set: {settings.clips_per_label} PanWorld clip(s) per label {list(settings.labels)} "
         f"(seed {settings.world_seed}, {geo.height}x{geo.width}), horizons {list(settings.horizons)} x "
         f"{settings.horizon_chunks} chunks, up to {geo.frames(settings.num_chunks)} frames"
     )
     if models and not any(m.path for m in models):
-        print(
-            "warning: no --checkpoints: every arm rolls out the same randomly initialised DiT; "
+        logging.warning(
+            "no --checkpoints: every arm rolls out the same randomly initialised DiT; "
             "its videos are noise, so its metrics show the pipeline, not the method"
         )
     results = harness.evaluate(

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from adastate_jax import files
 from adastate_jax import video as video_lib
 from adastate_jax.eval import harness
 from adastate_jax.eval.harness import CURVES, METRICS, POSITION_METRICS, REFERENCES
@@ -203,10 +204,10 @@ def write(out_dir: str, results: harness.Results, base: str | None = None, **ext
         plot_attention(os.path.join(out_dir, plots[-1]), results.attention, s.horizon_chunks, title, policies)
     report = report_dict(results, base, plots=plots, **extra)
     table = markdown_table(results.rows, lambda h: results.geometry.frames(h * s.horizon_chunks), s.resamples)
-    with open(os.path.join(out_dir, "results.md"), "w") as fh:
-        fh.write(f"# PanWorld evaluation: {report['summary']}\n\n{_models_md(report)}{table}")
-    with open(os.path.join(out_dir, "results.json"), "w") as fh:
-        json.dump(report, fh, separators=(",", ":"))  # compact: results.md is the human-readable view
+    md = f"# PanWorld evaluation: {report['summary']}\n\n{_models_md(report)}{table}"
+    files.write_text_atomic(os.path.join(out_dir, "results.md"), md)
+    # compact JSON: results.md is the human-readable view
+    files.write_text_atomic(os.path.join(out_dir, "results.json"), json.dumps(report, separators=(",", ":")))
     report["table"] = table
     return report
 

@@ -293,7 +293,8 @@ def test_cli_smoke_writes_tables_and_plots_without_absolute_paths(tmp_path):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "randomly initialised" in res.stdout  # the warning
+    assert "randomly initialised" in res.stderr  # the warning (absl logging)
+    assert "| horizon | arm | train_seed | n |" in res.stdout  # the table
     rep = json.loads((out / "results.json").read_text())
     assert rep["columns"] == report.COLUMNS and rep["bootstrap_resamples"] == 20
     assert {(r["arm"], r["horizon"]) for r in rep["rows"]} == {
