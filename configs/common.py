@@ -47,8 +47,15 @@ def model_section(**fields) -> ml_collections.ConfigDict:
         param_dtype="float32",
         dtype="float32",  # compute dtype: bfloat16 on accelerators, float32 for CPU tests
         remat="none",  # none | full | dots | dots_no_batch | save_attention_out
-        attention="xla",  # xla | cudnn | reference
+        attention="xla",  # xla | cudnn | reference | splash (Pallas TPU kernel)
         attention_blocks="auto",  # auto (static training masks run block-sparse) | dense
+        # splash tiles in tokens (multiples of 128): forward q x kv (kv in kv_compute steps), backward
+        splash_block_q=512,
+        splash_block_kv=512,
+        splash_block_kv_compute=512,
+        splash_block_q_bwd=512,
+        splash_block_kv_bwd=512,
+        splash_fused_bwd=False,
         zero_init_head=True,  # Wan's init (zero output); False gives a non-trivial random model
     )
     unknown = sorted(set(fields) - set(model))
