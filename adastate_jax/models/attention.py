@@ -18,6 +18,7 @@ Must not know: caches, anchor policies, layouts of a KV buffer. A "frame" here i
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -506,7 +507,13 @@ def _splash_lib():
 
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(layout: SplashLayout, q_heads: int, blocks: SplashBlocks, interpret: bool):
-    """A splash kernel for `q_heads` heads on one device (mask analysis is numpy: cached)."""
+    """A splash kernel for `q_heads` heads on one device, its mask tables as numpy constants.
+
+    The kernel factory analyses the mask (numpy, cached here) and turns its tables into jax
+    arrays. It runs in a worker thread: outside any trace and mesh context of the caller (under a
+    mesh of compile-only TPU devices no array can be created), and the tables are then kept as
+    numpy so that every trace embeds them as constants.
+    """
     kernel_lib, mask_lib, lazy_mask = _splash_lib()
     sizes = kernel_lib.BlockSizes(
         block_q=blocks.q,
@@ -520,10 +527,15 @@ def _splash_kernel(layout: SplashLayout, q_heads: int, blocks: SplashBlocks, int
         use_fused_bwd_kernel=blocks.fused_bwd,
     )
     mask = mask_lib.MultiHeadMask([lazy_mask(layout)] * q_heads)
-    with jax.ensure_compile_time_eval():  # the mask tables are constants, never tracers
-        return kernel_lib.make_splash_mha(
+
+    def make():
+        kernel = kernel_lib.make_splash_mha(
             mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
         )
+        return jax.tree.map(np.asarray, kernel)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(make).result()
 
 
 def splash_interpret_default() -> bool:
@@ -573,6 +585,8 @@ def splash_attention(
       id than the queries. Every query must keep at least one visible key (own frames are valid).
     blocks: tile sizes (config `model.splash_block_*`). interpret: Pallas interpret mode; None
       chooses it from the platform (`splash_interpret_default`).
+    On TPU, 16-bit q/k/v need the default matmul precision: Mosaic refuses a float32 contract
+    precision (e.g. `jax_default_matmul_precision='highest'`) for bfloat16 operands.
     Under a mesh in context (`jax.set_mesh`), runs inside `shard_map`: batch over the mesh axes of
     the logical 'batch' axis, heads over those of 'heads' (rules table), kept where they divide.
     Returns out [B, T, N, H] in q's dtype.
@@ -617,14 +631,13 @@ def splash_attention(
             return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, length - x.shape[1]), (0, 0)))
 
         qh, kh, vh = heads_first(qs, t_pad), heads_first(k, s_pad), heads_first(v, s_pad)
-        if key_valid is None:
-            out = jax.vmap(kernel)(qh, kh, vh)
-        else:
+        segments = None
+        if key_valid is not None:
             kv_ids = jnp.pad(
                 jnp.where(key_valid, 0, 1).astype(jnp.int32), ((0, 0), (0, s_pad - s)), constant_values=1
             )
-            q_ids = jnp.zeros((q.shape[0], t_pad), jnp.int32)
-            out = jax.vmap(kernel)(qh, kh, vh, kernel_lib.SegmentIds(q_ids, kv_ids))
+            segments = kernel_lib.SegmentIds(jnp.zeros((q.shape[0], t_pad), jnp.int32), kv_ids)
+        out = jax.vmap(kernel)(qh, kh, vh) if segments is None else jax.vmap(kernel)(qh, kh, vh, segments)
         return jnp.swapaxes(out[:, :, :t], 1, 2).astype(q.dtype)  # [b, T, n, H]
 
     mesh = jax.sharding.get_abstract_mesh()

@@ -129,6 +129,11 @@ def test_block_sizes_that_the_kernel_cannot_take_name_the_config_field():
         wan.WanConfig.tiny(splash_block_kv_compute=384)
 
 
+def test_splash_tiles_follow_the_config():
+    cfg = wan.WanConfig.tiny(splash_block_q=256, splash_block_kv_bwd=1024, splash_fused_bwd=True)
+    assert cfg.splash_blocks == attn.SplashBlocks(q=256, kv_bwd=1024, fused_bwd=True)
+
+
 def test_a_query_frame_without_keys_is_an_error():
     fm = attn.block_causal_mask(3, 1)
     fm[2] = False
