@@ -98,3 +98,46 @@ def test_a_program_that_does_not_fit_names_stage_topology_and_memory():
 def test_an_unknown_topology_is_named():
     with pytest.raises(ValueError, match=r"TPU topology 'v9z:1x1' is not known"):
         tc.topology_devices("v9z:1x1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["splash", "xla"])
+def test_wan_1_3b_teacher_step_fits_a_v5p_8_with_splash_only(attention, capsys):
+    """The issue-12 measurement: Wan2.1-1.3B forward+backward, 21 latent frames at 480x832
+    (32,760 tokens), diffusion-forcing mask (chunks of 3), batch 8 over v5p-8 (4 chips, fsdp),
+    remat='full', bfloat16 compute, gradients sharded as the params. Fits with 'splash'; with
+    'xla' the dense attention needs hundreds of GB of temporaries per chip and the compile fails
+    naming stage, topology and memory."""
+    topology = "v5p:2x2x1"
+    cfg = wan.WanConfig.wan_1_3b(attention=attention, remat="full", dtype="bfloat16")
+    mesh = tc.topology_mesh(topology, data=1, fsdp=4, tensor=1)
+    frames = 21
+    graphdef, params, x, t, text = _abstract_inputs(cfg, mesh, b=8, f=frames, hw=(60, 104))
+    mask = attn.block_causal_mask(frames, 3)
+
+    def loss(params, x, t, text):
+        v = wan.forward(graphdef, params, x, t, text, jnp.arange(frames), None, mask).velocity
+        return jnp.mean(jnp.square(v - x))
+
+    def compile_step():
+        return tc.compile_for(
+            jax.value_and_grad(loss),
+            (params, x, t, text),
+            stage=f"teacher/{attention}",
+            topology=topology,
+            mesh=mesh,
+            out_shardings=(tc.replicated(mesh), shd.state_shardings(wan.abstract_model(cfg)[1], mesh)),
+        )[1]
+
+    if attention == "xla":
+        with pytest.raises(
+            tc.DoesNotFit, match=r"stage 'teacher/xla' does not fit on TPU topology 'v5p:2x2x1'"
+        ) as e:
+            compile_step()
+        with capsys.disabled():
+            print("\n" + str(e.value))
+        return
+    report = compile_step()
+    with capsys.disabled():
+        print("\n" + tc.format_table([report]))
+    assert report.fits

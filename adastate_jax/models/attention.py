@@ -453,24 +453,33 @@ class SplashLayout:
     q_padded: int  # query length after padding (>= Fq * Pq)
     k_padded: int  # key length after padding (>= Fk * Pk)
 
-    def token_mask(self, rows: slice, cols: slice) -> np.ndarray:
-        """The [len(rows), len(cols)] block of the token mask, computed from the frame mask.
-
-        Token (i, j) of the real sequences follows frame (i // Pq, j // Pk). Padded keys are
-        invisible to real queries; padded queries see every key (their outputs are dropped, and a
-        non-empty row keeps the kernel's softmax finite).
-        """
+    @functools.cached_property
+    def _padded_frame_mask(self) -> np.ndarray:
+        """[Fq + 1, Fk + 1]: the frame mask with a padding frame on each axis (padded keys are
+        invisible to real queries; padded queries see every key: their outputs are dropped, and a
+        non-empty row keeps the kernel's softmax finite)."""
         fm = self.frame_mask.array
-        fq, fk = fm.shape
-        i = np.arange(rows.start, rows.stop)
-        j = np.arange(cols.start, cols.stop)
-        block = fm[
-            np.minimum(i // self.q_tokens_per_frame, fq - 1)[:, None],
-            np.minimum(j // self.k_tokens_per_frame, fk - 1)[None, :],
-        ]
-        block &= (j < fk * self.k_tokens_per_frame)[None, :]
-        block |= (i >= fq * self.q_tokens_per_frame)[:, None]
-        return block
+        out = np.zeros((fm.shape[0] + 1, fm.shape[1] + 1), bool)
+        out[:-1, :-1] = fm
+        out[-1, :] = True
+        return out
+
+    def token_mask(self, rows: slice, cols: slice) -> np.ndarray:
+        """The [len(rows), len(cols)] block of the token mask, computed from the frame mask:
+        token (i, j) follows frame (i // Pq, j // Pk), padding tokens the padding frames."""
+        fm = self._padded_frame_mask
+        q_frames = _frame_runs(rows, self.q_tokens_per_frame, fm.shape[0] - 1)
+        k_frames = _frame_runs(cols, self.k_tokens_per_frame, fm.shape[1] - 1)
+        block = fm[np.ix_(q_frames[0], k_frames[0])]  # one entry per (row run, column run)
+        return np.repeat(np.repeat(block, q_frames[1], axis=0), k_frames[1], axis=1)
+
+
+def _frame_runs(tokens: slice, tokens_per_frame: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """(frame index, run length) of the consecutive tokens of a slice; tokens past the last frame
+    belong to the padding frame `frames`."""
+    idx = np.minimum(np.arange(tokens.start, tokens.stop) // tokens_per_frame, frames)
+    starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
+    return idx[starts], np.diff(np.r_[starts, idx.size])
 
 
 @functools.cache
