@@ -59,7 +59,12 @@ def topology_devices(topology: str) -> list:
 
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-    except Exception as e:  # libtpu's message for an unknown name
+    except Exception as e:
+        if "lockfile" in str(e):  # libtpu serves one process at a time unless told otherwise
+            raise RuntimeError(
+                f"TPU topology {topology!r}: libtpu is held by another process ({e}); for "
+                "compile-only processes running side by side set ALLOW_MULTIPLE_LIBTPU_LOAD=1"
+            ) from e
         raise ValueError(f"TPU topology {topology!r} is not known to libtpu: {e}") from e
     return list(desc.devices)
 
@@ -119,7 +124,9 @@ class CompileReport:
     alias_bytes: int  # outputs written in place of donated arguments (counted once)
     code_bytes: int
     hbm_bytes: int | None
-    flops: float  # per chip, as compiled (includes rematerialised recomputation)
+    # per chip, as XLA's cost analysis counts them: rematerialised recomputation included, but the
+    # body of a loop counted ONCE (a model scanned over L layers shows about one layer's FLOPs)
+    flops: float
     compile_s: float
 
     @property
@@ -141,7 +148,7 @@ class CompileReport:
             "out GB": gb(self.output_bytes),
             "total GB": gb(self.total_bytes),
             "HBM GB": "?" if self.hbm_bytes is None else gb(self.hbm_bytes),
-            "TFLOP/chip": f"{self.flops / 1e12:.2f}",
+            "TFLOP/chip (loops once)": f"{self.flops / 1e12:.2f}",
             "compile s": f"{self.compile_s:.1f}",
         }
 
