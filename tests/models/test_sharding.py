@@ -162,6 +162,4 @@ def test_abstract_and_created_models_work_inside_a_mesh_context():
         _, abstract = wan_.abstract_model(wan_.WanConfig.tiny())
         _, params, _ = wan_.create_sharded(wan_.WanConfig.tiny(), mesh)
     assert abstract["blocks"]["self_attn"]["q"]["kernel"].shape == (2, 64, 64)
-    assert params["blocks"]["self_attn"]["q"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec(
-        None, "fsdp", "tensor"
-    )
+    assert params["blocks"]["self_attn"]["q"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
