@@ -624,7 +624,10 @@ def splash_attention(
         key_valid = jnp.broadcast_to(jnp.asarray(key_valid, bool), (b, s))
     bq, bq_bwd, t_pad = _fit_tiles(t, blocks.q, blocks.q_bwd)
     bkv, bkv_bwd, s_pad = _fit_tiles(s, blocks.kv, blocks.kv_bwd)
-    tiles = SplashBlocks(bq, bkv, math.gcd(bkv, blocks.kv_compute), bq_bwd, bkv_bwd, blocks.fused_bwd)
+    kv_compute = (
+        bkv if blocks.kv_compute >= bkv else math.gcd(bkv, blocks.kv_compute)
+    )  # divides a shrunk tile
+    tiles = SplashBlocks(bq, bkv, kv_compute, bq_bwd, bkv_bwd, blocks.fused_bwd)
     layout = SplashLayout(StaticMask.of(fm), int(pq), int(pk), t_pad, s_pad)
     if interpret is None:
         interpret = splash_interpret_default()

@@ -150,7 +150,7 @@ def validate_config(c: WanConfig, prefix: str = "model") -> None:
             f"unknown attention block mode {c.attention_blocks!r}; choose from {attn.ATTENTION_BLOCKS}",
         )
     for name, msg in c.splash_blocks.problems():
-        bad(f"splash_block_{name}" if name != "fused_bwd" else "splash_fused_bwd", msg)
+        bad(f"splash_block_{name}", msg)
 
 
 def validate_mesh_divisibility(c: WanConfig, mesh_sizes: dict[str, int], prefix: str = "model") -> None:
