@@ -8,20 +8,27 @@ Also owns the static block-sparse plan of a frame mask: training masks are known
 (numpy) and block-structured, so instead of a [T, K] token mask the attention runs, per group of
 query frames with identical mask rows, unmasked over the key frames that group may see.
 
+Also owns the TPU path: `splash_attention` runs JAX's Pallas splash-attention kernel with the static
+frame mask as a lazily evaluated token mask (never a [T, K] array), traced key validity as segment
+ids, and batch / head sharding through `shard_map` (Pallas interpret mode off TPU).
+
 Must not know: caches, anchor policies, layouts of a KV buffer. A "frame" here is a group of
 `tokens_per_frame` consecutive tokens sharing one temporal index.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+ATTENTION_IMPLS = ("xla", "cudnn", "reference", "splash")
 ATTENTION_BLOCKS = ("auto", "dense")  # static frame masks: block-sparse plan when possible, or dense
 
 
@@ -193,7 +200,10 @@ def attention(
     """Softmax attention. q [B, T, N, H], k/v [B, S, N, H], mask [B, 1, T or 1, S] bool (True = attend).
 
     implementation: 'xla' / 'cudnn' go through `jax.nn.dot_product_attention`; 'reference' is an
-    explicit einsum (used when the attention mass per key is requested).
+    explicit einsum (used when the attention mass per key is requested); 'splash' runs the Pallas
+    splash kernel (`splash_attention`, default block sizes) when the mask is None or key-only
+    ([B, 1, 1, S]: key validity), and the 'xla' path for a full [B, 1, T, S] token mask (a traced
+    training mask; static ones reach `splash_attention` directly from the model).
     Returns out [B, T, N, H] (and, with return_key_mass, [B, S]: attention probability summed over
     the queries' heads and averaged over queries and heads, i.e. the share of attention each key
     receives; sums to 1 over S).
@@ -210,6 +220,11 @@ def attention(
         if return_key_mass:
             return out, probs.mean(axis=(1, 2))  # [B, S]
         return out
+    if implementation == "splash":
+        if mask is None or mask.shape[-2] == 1:
+            key_valid = None if mask is None else mask.reshape(mask.shape[0], mask.shape[-1])
+            return splash_attention(q, k, v, key_valid=key_valid)
+        implementation = "xla"
     impl = None if implementation == "xla" and jax.default_backend() == "cpu" else implementation
     if impl == "cudnn" and mask is not None and mask.shape[-2] == 1 and q.shape[1] > 1:
         # cuDNN's fused attention takes a mask only at full query length (it becomes a bias of
@@ -361,3 +376,301 @@ def block_attention(
     pieces.sort(key=lambda pc: pc[0])
     out = pieces[0][1] if len(pieces) == 1 else jnp.concatenate([pc[1] for pc in pieces], axis=1)
     return cons(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Splash attention (JAX's Pallas TPU kernel; Pallas interpret mode on other backends)
+# --------------------------------------------------------------------------------------------
+
+SPLASH_LANES = 128  # the kernel's lane width: every tile size is a multiple of it
+
+
+@dataclasses.dataclass(frozen=True)
+class SplashBlocks:
+    """Tile sizes (tokens) of the splash kernel; they change speed, not numerics.
+
+    Forward: `q` x `kv` tiles, each kv tile processed in `kv_compute` steps. Backward: `q_bwd` x
+    `kv_bwd` tiles for the dq and dkv kernels (one fused kernel with `fused_bwd`). All multiples of
+    128; `kv_compute` divides `kv`. A sequence is zero-padded to a multiple of its tiles; a tile
+    longer than the sequence (rounded up to 128) shrinks to it.
+    """
+
+    q: int = 512
+    kv: int = 512
+    kv_compute: int = 512
+    q_bwd: int = 512
+    kv_bwd: int = 512
+    fused_bwd: bool = False
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(attribute, message) for every size the kernel cannot take; empty when valid."""
+        out = []
+        for name in ("q", "kv", "kv_compute", "q_bwd", "kv_bwd"):
+            size = getattr(self, name)
+            if size <= 0 or size % SPLASH_LANES:
+                out.append((name, f"must be a positive multiple of {SPLASH_LANES}, got {size}"))
+        if not out and self.kv % self.kv_compute:
+            out.append(("kv_compute", f"{self.kv_compute} must divide the kv tile {self.kv}"))
+        return out
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _fit_tiles(length: int, fwd: int, bwd: int) -> tuple[int, int, int]:
+    """(forward tile, backward tile, padded length) of one sequence: tiles no longer than the
+    sequence rounded up to the lane width, and a padded length that both divide."""
+    lanes = _round_up(max(length, 1), SPLASH_LANES)
+    fwd, bwd = min(fwd, lanes), min(bwd, lanes)
+    return fwd, bwd, _round_up(length, math.lcm(fwd, bwd))
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticMask:
+    """A boolean numpy mask kept as bytes: hashable, so it can key a cache or be a static arg."""
+
+    shape: tuple[int, ...]
+    bits: bytes
+
+    @classmethod
+    def of(cls, mask) -> StaticMask:
+        m = np.ascontiguousarray(np.asarray(mask, dtype=bool))
+        return cls(tuple(int(d) for d in m.shape), m.tobytes())
+
+    @property
+    def array(self) -> np.ndarray:
+        return np.frombuffer(self.bits, dtype=bool).reshape(self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplashLayout:
+    """The token grid a splash kernel is built for (everything static about one call)."""
+
+    frame_mask: StaticMask  # [Fq, Fk] True = may attend
+    q_tokens_per_frame: int
+    k_tokens_per_frame: int
+    q_padded: int  # query length after padding (>= Fq * Pq)
+    k_padded: int  # key length after padding (>= Fk * Pk)
+
+    @functools.cached_property
+    def _padded_frame_mask(self) -> np.ndarray:
+        """[Fq + 1, Fk + 1]: the frame mask with a padding frame on each axis (padded keys are
+        invisible to real queries; padded queries see every key: their outputs are dropped, and a
+        non-empty row keeps the kernel's softmax finite)."""
+        fm = self.frame_mask.array
+        out = np.zeros((fm.shape[0] + 1, fm.shape[1] + 1), bool)
+        out[:-1, :-1] = fm
+        out[-1, :] = True
+        return out
+
+    def token_mask(self, rows: slice, cols: slice) -> np.ndarray:
+        """The [len(rows), len(cols)] block of the token mask, computed from the frame mask:
+        token (i, j) follows frame (i // Pq, j // Pk), padding tokens the padding frames."""
+        fm = self._padded_frame_mask
+        q_frames = _frame_runs(rows, self.q_tokens_per_frame, fm.shape[0] - 1)
+        k_frames = _frame_runs(cols, self.k_tokens_per_frame, fm.shape[1] - 1)
+        block = fm[np.ix_(q_frames[0], k_frames[0])]  # one entry per (row run, column run)
+        return np.repeat(np.repeat(block, q_frames[1], axis=0), k_frames[1], axis=1)
+
+
+def _frame_runs(tokens: slice, tokens_per_frame: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """(frame index, run length) of the consecutive tokens of a slice; tokens past the last frame
+    belong to the padding frame `frames`."""
+    idx = np.minimum(np.arange(tokens.start, tokens.stop) // tokens_per_frame, frames)
+    starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
+    return idx[starts], np.diff(np.r_[starts, idx.size])
+
+
+@functools.cache
+def _splash_lib():
+    """The splash modules, imported on first use (the Pallas import costs ~0.5 s)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask
+
+    class LazyTokenMask(mask.Mask):
+        """A splash mask whose blocks are computed from a SplashLayout when the kernel's mask
+        analysis asks for them: the [T, K] token mask is never materialised."""
+
+        def __init__(self, layout: SplashLayout):
+            self.layout = layout
+
+        @property
+        def shape(self) -> tuple[int, int]:
+            return (self.layout.q_padded, self.layout.k_padded)
+
+        def __getitem__(self, idx) -> np.ndarray:
+            if not (isinstance(idx, tuple) and len(idx) == 2 and all(isinstance(s, slice) for s in idx)):
+                raise NotImplementedError(f"LazyTokenMask takes a pair of slices, got {idx!r}")
+            rows, cols = (slice(*s.indices(n)[:2]) for s, n in zip(idx, self.shape))
+            return self.layout.token_mask(rows, cols)
+
+        def __eq__(self, other) -> bool:
+            return isinstance(other, LazyTokenMask) and self.layout == other.layout
+
+        def __hash__(self) -> int:
+            return hash(self.layout)
+
+    return kernel, mask, LazyTokenMask
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(layout: SplashLayout, q_heads: int, blocks: SplashBlocks, interpret: bool):
+    """A splash kernel for `q_heads` heads on one device, its mask tables as numpy constants.
+
+    The kernel factory analyses the mask (numpy, cached here) and turns its tables into jax
+    arrays. It runs in a worker thread: outside any trace and mesh context of the caller (under a
+    mesh of compile-only TPU devices no array can be created), and the tables are then kept as
+    numpy so that every trace embeds them as constants.
+    """
+    kernel_lib, mask_lib, lazy_mask = _splash_lib()
+    sizes = kernel_lib.BlockSizes(
+        block_q=blocks.q,
+        block_kv=blocks.kv,
+        block_kv_compute=blocks.kv_compute,
+        block_q_dkv=blocks.q_bwd,
+        block_kv_dkv=blocks.kv_bwd,
+        block_kv_dkv_compute=blocks.kv_bwd,
+        block_q_dq=None if blocks.fused_bwd else blocks.q_bwd,
+        block_kv_dq=None if blocks.fused_bwd else blocks.kv_bwd,
+        use_fused_bwd_kernel=blocks.fused_bwd,
+    )
+    mask = mask_lib.MultiHeadMask([lazy_mask(layout)] * q_heads)
+
+    def make():
+        kernel = kernel_lib.make_splash_mha(
+            mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+        )
+        return jax.tree.map(np.asarray, kernel)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(make).result()
+
+
+def splash_interpret_default() -> bool:
+    """Interpret mode unless the computation targets TPUs: the platform of the mesh in context
+    (so an ahead-of-time compile for a TPU topology gets the real kernel), else the default
+    backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = getattr(device, "platform", None) or jax.default_backend()
+    return platform != "tpu"
+
+
+def _fitting_axes(size: int, logical: str, mesh_shape: dict[str, int]) -> tuple[str, ...]:
+    """The mesh axes the rules table maps `logical` to, kept while their product divides `size`
+    (shard_map needs even shards; the rest of the mesh sees the dim replicated)."""
+    from adastate_jax import sharding as shd
+
+    axes = dict(shd.DEFAULT_RULES).get(logical)
+    axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    kept, prod = [], 1
+    for a in axes:
+        n = mesh_shape.get(a, 1)
+        if size % (prod * n) == 0:
+            kept.append(a)
+            prod *= n
+    return tuple(kept)
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    frame_mask=None,
+    q_tokens_per_frame: int | None = None,
+    k_tokens_per_frame: int | None = None,
+    key_valid: jax.Array | None = None,
+    blocks: SplashBlocks = SplashBlocks(),
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Softmax attention with JAX's Pallas splash kernel (flash attention with block sparsity).
+
+    q [B, T, N, H]; k, v [B, S, Nk, H] with N % Nk == 0 (query head n uses key head n // (N / Nk)).
+    frame_mask: static [Fq, Fk] bool (numpy; T = Fq * Pq, S = Fk * Pk with the tokens per frame
+      given), or None: every query sees every key. Blocks of the token grid that it masks out are
+      skipped, partly masked ones read their mask tile; no [T, S] array is built at any size.
+    key_valid: [B, S] bool, may be traced (streaming cache slots): invalid keys get another segment
+      id than the queries. Every query must keep at least one visible key (own frames are valid).
+    blocks: tile sizes (config `model.splash_block_*`). interpret: Pallas interpret mode; None
+      chooses it from the platform (`splash_interpret_default`).
+    On TPU, 16-bit q/k/v need the default matmul precision: Mosaic refuses a float32 contract
+    precision (e.g. `jax_default_matmul_precision='highest'`) for bfloat16 operands.
+    Under a mesh in context (`jax.set_mesh`), runs inside `shard_map`: batch over the mesh axes of
+    the logical 'batch' axis, heads over those of 'heads' (rules table), kept where they divide.
+    Returns out [B, T, N, H] in q's dtype.
+    """
+    b, t, n, h = q.shape
+    s, nk = k.shape[1], k.shape[2]
+    if k.shape != (b, s, nk, h) or v.shape != k.shape:
+        raise ValueError(f"splash_attention: q {q.shape}, k {k.shape}, v {v.shape} do not match")
+    if n % nk:
+        raise ValueError(f"splash_attention: {n} query heads are not a multiple of {nk} key heads")
+    if bad := blocks.problems():
+        raise ValueError(f"splash_attention: block sizes {blocks}: " + "; ".join(f"{a} {m}" for a, m in bad))
+    if frame_mask is None:
+        fm, pq, pk = np.ones((1, 1), bool), t, s
+    else:
+        fm, pq, pk = np.asarray(frame_mask, bool), q_tokens_per_frame, k_tokens_per_frame
+        if fm.ndim != 2 or pq is None or pk is None or fm.shape[0] * pq != t or fm.shape[1] * pk != s:
+            raise ValueError(
+                f"splash_attention: frame mask {fm.shape} with {pq} / {pk} tokens per query / key "
+                f"frame does not tile q ({t} tokens) x k ({s} tokens)"
+            )
+        empty = np.flatnonzero(~fm.any(axis=1))
+        if empty.size:
+            raise ValueError(f"splash_attention: query frame(s) {empty.tolist()} may attend to no key frame")
+    if key_valid is not None:
+        key_valid = jnp.broadcast_to(jnp.asarray(key_valid, bool), (b, s))
+    bq, bq_bwd, t_pad = _fit_tiles(t, blocks.q, blocks.q_bwd)
+    bkv, bkv_bwd, s_pad = _fit_tiles(s, blocks.kv, blocks.kv_bwd)
+    kv_compute = (
+        bkv if blocks.kv_compute >= bkv else math.gcd(bkv, blocks.kv_compute)
+    )  # divides a shrunk tile
+    tiles = SplashBlocks(bq, bkv, kv_compute, bq_bwd, bkv_bwd, blocks.fused_bwd)
+    layout = SplashLayout(StaticMask.of(fm), int(pq), int(pk), t_pad, s_pad)
+    if interpret is None:
+        interpret = splash_interpret_default()
+
+    def local(q, k, v, key_valid):
+        # q [b, T, n, H], k/v [b, S, nk, H], key_valid [b, S] or None (one shard's part)
+        kernel_lib = _splash_lib()[0]
+        kernel = _splash_kernel(layout, q.shape[2], tiles, bool(interpret))
+        scale = h**-0.5
+        qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
+
+        def heads_first(x, length):  # [b, L, heads, H] -> [b, heads, L_pad, H]
+            return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, length - x.shape[1]), (0, 0)))
+
+        qh, kh, vh = heads_first(qs, t_pad), heads_first(k, s_pad), heads_first(v, s_pad)
+        segments = None
+        if key_valid is not None:
+            kv_ids = jnp.pad(
+                jnp.where(key_valid, 0, 1).astype(jnp.int32), ((0, 0), (0, s_pad - s)), constant_values=1
+            )
+            segments = kernel_lib.SegmentIds(jnp.zeros((q.shape[0], t_pad), jnp.int32), kv_ids)
+        out = jax.vmap(kernel)(qh, kh, vh) if segments is None else jax.vmap(kernel)(qh, kh, vh, segments)
+        return jnp.swapaxes(out[:, :, :t], 1, 2).astype(q.dtype)  # [b, T, n, H]
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return local(q, k, v, key_valid)
+    from jax.sharding import PartitionSpec as P
+
+    shape = dict(mesh.shape)
+    batch_axes = _fitting_axes(b, "batch", shape) or None
+    head_axes = _fitting_axes(math.gcd(n, nk), "heads", shape) or None
+    qkv_spec = P(batch_axes, None, head_axes, None)
+    valid_spec = P(batch_axes, None)
+    if key_valid is None:
+        fn = jax.shard_map(
+            lambda q, k, v: local(q, k, v, None),
+            in_specs=(qkv_spec, qkv_spec, qkv_spec),
+            out_specs=qkv_spec,
+            check_vma=False,
+        )
+        return fn(q, k, v)
+    fn = jax.shard_map(
+        local, in_specs=(qkv_spec, qkv_spec, qkv_spec, valid_spec), out_specs=qkv_spec, check_vma=False
+    )
+    return fn(q, k, v, key_valid)

@@ -55,10 +55,19 @@ class WanConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
     remat: str = "none"
-    attention: str = "xla"
+    attention: str = "xla"  # xla | cudnn | reference | splash (Pallas TPU kernel)
     # static training frame masks: 'auto' runs the block-sparse plan (no [T, K] mask, masked-out
-    # blocks skipped) whenever the mask is known at trace time; 'dense' always expands the mask
+    # blocks skipped) whenever the mask is known at trace time; 'dense' always expands the mask.
+    # 'splash' ignores it: the kernel always skips masked-out tiles of a static mask
     attention_blocks: str = "auto"
+    # splash tile sizes in tokens (multiples of 128; speed only, not numerics): forward q x kv
+    # tiles with kv in kv_compute steps; backward q_bwd x kv_bwd tiles, fused dq/dkv kernel or not
+    splash_block_q: int = 512
+    splash_block_kv: int = 512
+    splash_block_kv_compute: int = 512
+    splash_block_q_bwd: int = 512
+    splash_block_kv_bwd: int = 512
+    splash_fused_bwd: bool = False
     zero_init_head: bool = True  # Wan's init; False gives a non-trivial random model
 
     def __post_init__(self):
@@ -67,6 +76,17 @@ class WanConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def splash_blocks(self) -> attn.SplashBlocks:
+        return attn.SplashBlocks(
+            self.splash_block_q,
+            self.splash_block_kv,
+            self.splash_block_kv_compute,
+            self.splash_block_q_bwd,
+            self.splash_block_kv_bwd,
+            self.splash_fused_bwd,
+        )
 
     @property
     def patch_features(self) -> int:
@@ -128,6 +148,8 @@ def validate_config(c: WanConfig, prefix: str = "model") -> None:
             "attention_blocks",
             f"unknown attention block mode {c.attention_blocks!r}; choose from {attn.ATTENTION_BLOCKS}",
         )
+    for name, msg in c.splash_blocks.problems():
+        bad(f"splash_block_{name}", msg)
 
 
 def validate_mesh_divisibility(c: WanConfig, mesh_sizes: dict[str, int], prefix: str = "model") -> None:
@@ -272,8 +294,11 @@ class WanBlock(nnx.Module):
         x [B, T, D] (T = F*P own tokens); e [B, F, 6, D] fp32 modulation (time_projection output);
         text_k/v [B, Tt, N, H]; rope_q (cos, sin) [B, T, H/2]; rope_k (cos, sin) [B, S*P + T, H/2];
         ctx_k/v [B, S, P, N, H] or None; mask [B, 1, T or 1, S*P + T] bool or None;
-        plan: static `attn.BlockPlan` over the F query x S + F key frames (then mask is None and
-        the self-attention runs block-sparse; key mass is not available).
+        plan: static `attn.BlockPlan` over the F query x S + F key frames (then the self-attention
+        runs block-sparse; key mass is not available). With it, mask is None, or, for 'splash'
+        only, the key-only validity [B, 1, 1, S*P + T] that the plan does not include (traced).
+        'splash' runs the Pallas kernel for the plan's mask or a key-only / absent mask, and the
+        'xla' path for a full token mask (a traced frame mask).
         Returns x [B, T, D], new k/v [B, T, N, H] (un-roped), key mass [B, S*P + T] or None.
         """
         dt = jnp.dtype(cfg.dtype)
@@ -302,7 +327,12 @@ class WanBlock(nnx.Module):
             k_all, v_all = k, v
         q = attn.apply_rope(q, rope_q)
         k_all = attn.apply_rope(k_all, rope_k)
-        if plan is not None:
+        if cfg.attention == "splash" and not want_mass and (mask is None or mask.shape[-2] == 1):
+            frames = None if plan is None else plan.to_mask()  # [F, S + F] static
+            key_valid = None if mask is None else mask[:, 0, 0, :]  # [B, S*P + T]
+            o = attn.splash_attention(q, k_all, v_all, frames, p, p, key_valid, cfg.splash_blocks)
+            mass = None
+        elif plan is not None:
             if mask is not None or want_mass:
                 raise ValueError("a block plan excludes a token mask and the key mass")
 
@@ -324,7 +354,11 @@ class WanBlock(nnx.Module):
             h = x
         ca = self.cross_attn
         q = rearrange(ca.norm_q(ca.q(h, dt)), "b t (n h) -> b t n h", n=n)
-        o = attn.attention(q, text_k.astype(q.dtype), text_v.astype(q.dtype), None, cfg.attention)
+        text_k, text_v = text_k.astype(q.dtype), text_v.astype(q.dtype)
+        if cfg.attention == "splash":
+            o = attn.splash_attention(q, text_k, text_v, blocks=cfg.splash_blocks)
+        else:
+            o = attn.attention(q, text_k, text_v, None, cfg.attention)
         o = ca.o(rearrange(o, "b t n h -> b t (n h)"), dt)
         x = (x.astype(jnp.float32) + o.astype(jnp.float32)).astype(x.dtype)
 
@@ -465,6 +499,8 @@ class WanDiT(nnx.Module):
                     Default: every valid context frame and every own frame is visible.
                     A mask known at trace time (numpy) with a static ctx.valid runs block-sparse
                     (see `attn.BlockPlan`; config `attention_blocks`); a traced one runs dense.
+                    With attention='splash' a static mask runs in the kernel even when ctx.valid
+                    is traced (the validity goes in as segment ids).
         Returns ForwardOut(velocity [B, F, H, W, C_out], k/v [L, B, F, P, N, H], key_mass).
         """
         cfg = self.cfg
@@ -505,16 +541,20 @@ class WanDiT(nnx.Module):
             raise ValueError(
                 f"frame_mask must be [.., {f}, {s + f}] (F, S + F), got {tuple(np.shape(frame_mask))}"
             )
-        plan = None
-        if frame_mask is not None and cfg.attention_blocks == "auto" and not return_key_mass:
+        splash = cfg.attention == "splash"
+        plan, plan_has_validity = None, True
+        if frame_mask is not None and (cfg.attention_blocks == "auto" or splash) and not return_key_mass:
             plan = static_block_plan(frame_mask, None if ctx is None else ctx.valid, b)
+            if plan is None and splash and ctx is not None:
+                # splash takes a traced ctx.valid beside the static frame mask (segment ids)
+                plan, plan_has_validity = static_block_plan(frame_mask, None, b), False
         key_valid = None
-        if ctx is not None and plan is None:
+        if ctx is not None and (plan is None or not plan_has_validity):
             key_valid = jnp.concatenate(
                 [ctx.valid.astype(bool), jnp.ones((b, f), bool)], axis=1
             )  # [B, S + F]
         if plan is not None:
-            mask = None
+            mask = None if key_valid is None else jnp.repeat(key_valid, p, axis=1)[:, None, None, :]
         elif frame_mask is None:
             mask = None if key_valid is None else jnp.repeat(key_valid, p, axis=1)[:, None, None, :]
         else:
