@@ -142,8 +142,11 @@ class SelfForcingDMD(SingleModelObjective):
         self.stream_cfg = StreamConfig.from_dict(cfg.stream.to_dict())
         base = SamplerConfig.from_dict(cfg.sampler.to_dict())
         self.num_exits = len(base.denoising_steps)
-        self.streamer = Streamer(
-            self.graphdef, model_cfg, self.stream_cfg, dataclasses.replace(base, guidance_scale=1.0)
+        self.streamer = Streamer(  # refresh_noise='add': the cache refresh of Self-Forcing's training
+            self.graphdef,
+            model_cfg,
+            self.stream_cfg,
+            dataclasses.replace(base, guidance_scale=1.0, refresh_noise="add"),
         )
         self.tx = state_lib.make_optimizer(tc, b1=float(tc.get("dmd_b1", tc.b1)))
         self.critic_tx = state_lib.make_optimizer(tc, lr=float(tc.critic_lr), b1=float(tc.critic_b1))
