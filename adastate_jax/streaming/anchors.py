@@ -25,12 +25,35 @@ Our readings (method.md): the `ema_sink` update of sink slot `e % A` by each evi
 `first_chunk='noise'` fills the state slot before chunk 0 with the keys/values of a pure-noise
 state at the maximum timestep (`'mask'`, the default, leaves it empty at chunk 0).
 
+Prompt-switch re-cache (`recache`; the clean frames are re-run at t = context_noise under the new
+prompt and their keys/values replace the old ones; `Streamer` runs the model):
+
+| recache        | frames re-run                           | attention among them | anchors                 |
+|----------------|-----------------------------------------|----------------------|-------------------------|
+| none           | -                                       | -                    | kept                    |
+| window_causal  | the window's frames                     | block-causal         | kept, read as context   |
+| longlive       | the last min(A + W + F, S) frames       | bidirectional        | see below               |
+
+`longlive` is LongLive v1's interactive re-cache (policies window / sink / full; A + W + F is its
+local attention size, 12 = sink 3 + window 6 + chunk 3; S = frames emitted so far). With
+`recache_global_sink` (LongLive's shipped setting) and S > A + W + F, the sink keeps its old
+keys/values and is read as context; only the last W + F frames matter (the A oldest of the re-run
+frames are neither stored nor read in LongLive: we skip them). Without it, or while
+S <= A + W + F (LongLive protects the sink only when the re-cache does not start at frame 0),
+every re-run frame is rebuilt and the A oldest become the sink, keeping their own temporal index.
+The F re-run frames older than the window are read as keys during the re-cache and then dropped,
+as LongLive's next chunk evicts them. The carry keeps the clean latents of the last A + W + F
+frames for this (`Carry.history`, a ring by frame index). Temporal index of the re-run frames:
+their global index (absolute), or the slot formula A + W - (S - g) extended past the window
+(relative; LongLive has no relative layout).
+
 Must not know: the model internals, sampler or optimisers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +65,8 @@ from adastate_jax.streaming.cache import EMPTY, Carry, write_slots
 POLICIES = ("window", "full", "sink", "ema_sink", "adastate")
 TIME_LAYOUTS = ("relative", "absolute")
 FIRST_CHUNK = ("mask", "noise")
+RECACHE = ("none", "window_causal", "longlive")
+LONGLIVE_RECACHE_POLICIES = ("window", "sink", "full")  # layouts LongLive's rule is defined on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +81,8 @@ class StreamConfig:
     ema_decay: float = 0.99
     first_chunk: str = "mask"
     sink_refresh_every: int = 0
-    recache_on_switch: bool = False
+    recache: str = "none"  # prompt-switch re-cache: none | window_causal | longlive (module doc)
+    recache_global_sink: bool = True  # longlive: keep the sink (True, LongLive's default) or rebuild it
     latent_h: int = 8
     latent_w: int = 8
     batch_size: int = 1
@@ -91,6 +117,14 @@ class StreamConfig:
             bad("ema_decay", f"must be in [0, 1], got {self.ema_decay}")
         if self.sink_refresh_every < 0:
             bad("sink_refresh_every", f"must be >= 0, got {self.sink_refresh_every}")
+        if self.recache not in RECACHE:
+            bad("recache", f"{self.recache!r} not in {RECACHE}")
+        if self.recache == "longlive" and self.anchor not in LONGLIVE_RECACHE_POLICIES:
+            bad(
+                "recache",
+                f"'longlive' is defined for the policies {LONGLIVE_RECACHE_POLICIES} (LongLive's "
+                f"cache), not {self.anchor!r}; use recache='window_causal' (anchors kept)",
+            )
 
     @classmethod
     def from_dict(cls, d) -> StreamConfig:
@@ -119,6 +153,16 @@ class StreamConfig:
     @property
     def frames_per_call(self) -> int:
         return self.query_state_frames + self.chunk_frames
+
+    @property
+    def local_attention_frames(self) -> int:
+        """A + W + F: the frames one chunk attends to (LongLive's `local_attn_size`)."""
+        return self.anchor_slots + self.window_slots + self.chunk_frames
+
+    @property
+    def history_frames(self) -> int:
+        """Frames of clean latents kept in `Carry.history` (the longlive re-cache's input), else 0."""
+        return self.local_attention_frames if self.recache == "longlive" else 0
 
 
 def slot_positions(sc: StreamConfig, carry: Carry) -> jax.Array:
@@ -179,6 +223,10 @@ def commit(sc: StreamConfig, carry: Carry, k: jax.Array, v: jax.Array, latents: 
     if sc.anchor == "ema_sink":
         carry = _ema_evicted_into_sink(sc, carry, dest)
     carry = write_slots(carry, dest, kc, vc, lc, g)
+    if sc.history_frames:
+        carry = carry.replace(
+            history=carry.history.at[:, g % sc.history_frames].set(lc.astype(carry.history.dtype))
+        )
 
     if sc.anchor == "sink" and sc.sink_refresh_every > 0:
         carry = _refresh_sink(sc, carry, kc, vc, lc, g)
@@ -214,6 +262,60 @@ def _refresh_sink(sc: StreamConfig, carry: Carry, kc, vc, lc, g) -> Carry:
     slots = jnp.arange(a - take, a)
     new = write_slots(carry, slots, kc[:, :, -take:], vc[:, :, -take:], lc[:, -take:], g[-take:])
     return jax.tree.map(lambda n, o: jnp.where(refresh, n, o), new, carry)
+
+
+class RecachePlan(NamedTuple):
+    """The frames the longlive re-cache runs (static count n = A + W + F, oldest first)."""
+
+    frame_idx: jax.Array  # [n] global index S - n + j of re-run frame j (negative: no such frame)
+    rerun: jax.Array  # [n] bool: rebuilt under the new prompt, and a key for the other re-run frames
+    positions: jax.Array  # [n] temporal index shown to the model
+    sink_kept: jax.Array  # [] bool: the anchor slots keep their keys/values and are read as context
+
+
+def longlive_recache_plan(sc: StreamConfig, carry: Carry) -> RecachePlan:
+    """Which frames LongLive re-runs at a prompt switch before the chunk starting at S (module doc)."""
+    a, w, n = sc.anchor_slots, sc.window_slots, sc.local_attention_frames
+    s = carry.num_frames
+    g = s - n + jnp.arange(n, dtype=jnp.int32)
+    sink_kept = jnp.asarray(bool(sc.recache_global_sink and a > 0)) & (s > n)
+    rerun = (g >= 0) & ~(sink_kept & (g < s - (n - a)))
+    if sc.time_layout == "absolute":
+        pos = g
+    else:
+        pos = a + w - (s - g)  # the window's rule, continued past its oldest slot
+    return RecachePlan(g, rerun, jnp.where(rerun, pos, 0).astype(jnp.int32), sink_kept)
+
+
+def write_recached(
+    sc: StreamConfig, carry: Carry, plan: RecachePlan, k: jax.Array, v: jax.Array, latents: jax.Array
+) -> Carry:
+    """Store the re-cached frames: every valid slot whose frame was re-run takes its new keys/values;
+    when the sink is rebuilt after the first A + W + F frames, sink slot i holds re-run frame i.
+
+    k, v: [L, B, n, P, N, H] and latents [B, n, h, w, C] of the plan's frames.
+    """
+    a, n = sc.anchor_slots, sc.local_attention_frames
+    first = carry.num_frames - n  # global index of re-run frame 0
+    new_sink = ~plan.sink_kept & (first > 0)
+    sink_frames = jnp.where(new_sink, first + jnp.arange(a, dtype=jnp.int32), carry.frame_idx[:a])
+    frames = jnp.concatenate([sink_frames, carry.frame_idx[a:]])  # [S] frame each slot holds after
+    j = frames - first
+    jc = jnp.clip(j, 0, n - 1)
+    take = carry.valid & (j >= 0) & (j < n) & plan.rerun[jc]  # [S]
+
+    def pick(new, old, axis):
+        new = jnp.take(new, jc, axis=axis).astype(old.dtype)
+        shape = [1] * old.ndim
+        shape[axis] = take.shape[0]
+        return jnp.where(take.reshape(shape), new, old)
+
+    return carry.replace(
+        k=pick(k, carry.k, 2),
+        v=pick(v, carry.v, 2),
+        latents=pick(latents, carry.latents, 1),
+        frame_idx=jnp.where(take, frames, carry.frame_idx),
+    )
 
 
 def describe_layout(sc: StreamConfig) -> str:

@@ -1,8 +1,9 @@
 """The streaming carry: a fixed-shape KV buffer organised in frame slots.
 
 Owns: the `Carry` pytree (per-layer key/value slots, slot validity and frame indices, the adaptive
-state latent, window latents for re-caching, prompt keys/values, counters, PRNG key), its logical
-axis names, and the generic slot writes. Which slot a frame goes to, and which temporal index a
+state latent, window latents for re-caching, the history ring of recent clean latents for the
+longlive re-cache, prompt keys/values, counters, PRNG key), its logical axis names, and the generic
+slot writes. Which slot a frame goes to, and which temporal index a
 slot shows the model, is decided by the anchor policies (`anchors.py`).
 
 Must not know: the model internals, the sampler, optimisers.
@@ -36,6 +37,9 @@ class Carry:
     num_frames: jax.Array  # [] int32, content frames emitted so far
     chunk: jax.Array  # [] int32, chunks emitted so far
     key: jax.Array  # PRNG key (raw uint32[2])
+    # [B, M, h, w, C] clean latents of the last M content frames, frame g at g % M
+    # (M = StreamConfig.history_frames: A + W + F for recache='longlive', else 0)
+    history: jax.Array | None = None
     decoder: object = None  # streaming decoder cache (VAE / codec), or None
 
 
@@ -58,6 +62,7 @@ def carry_logical_axes(carry: Carry) -> Carry:
         num_frames=(),
         chunk=(),
         key=(None,),
+        history=None if carry.history is None else ("batch", None, None, None, None),
         decoder=dec,
     )
 

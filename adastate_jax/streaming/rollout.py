@@ -14,8 +14,10 @@ decoder, and provides
 committed cache are the x0 estimate of that step (Self-Forcing's random exit, one program for
 every exit; see `step`).
 A prompt schedule is data: `prompt_ids[c]` indexes the prompt table `prompts [P, B, T, text_dim]`;
-a change of id between chunks is a prompt switch (new cross-attention keys/values, and LongLive's
-re-cache of the window when `stream.recache_on_switch`).
+a change of id between chunks is a prompt switch (`switch_prompt`: new cross-attention keys/values,
+and the re-cache chosen by `stream.recache`: 'window_causal' re-encodes the window block-causally
+behind the kept anchors, 'longlive' is LongLive's bidirectional re-cache of the last A + W + F
+frames with `stream.recache_global_sink`; see `anchors.py`).
 
 `step` is a pure function of its arguments (the PRNG key lives in the carry and is folded with the
 chunk counter unless a key is passed), so it is differentiable and scan/generator agree bit for bit.
@@ -145,6 +147,7 @@ class Streamer:
             num_frames=jnp.int32(0),
             chunk=jnp.int32(0),
             key=jnp.array(key, jnp.uint32, copy=True),  # the carry is donated: never alias the input
+            history=jnp.zeros((b, sc.history_frames, h, w, mc.in_channels), jnp.float32),
             decoder=None if self.decoder is None else self.decoder.init_cache(decoder_params, b, h, w),
         )
         if sc.anchor == "adastate" and sc.first_chunk == "noise":
@@ -206,13 +209,7 @@ class Streamer:
         negative = self._negative(prompts, negative)
 
         # --- prompt switch ---------------------------------------------------------------
-        switch = prompt_id != carry.prompt_id
-        text = jax.lax.cond(
-            switch, lambda: self._text_kv(params, prompts, prompt_id, negative), lambda: carry.text
-        )
-        carry = carry.replace(text=text, prompt_id=prompt_id)
-        if sc.recache_on_switch:
-            carry = jax.lax.cond(switch, lambda c: self._recache(model, c), lambda c: c, carry)
+        carry = self.switch_prompt(params, carry, prompt_id, prompts, negative)
 
         # --- context as the model sees it --------------------------------------------------
         b = carry.latents.shape[0]
@@ -278,8 +275,10 @@ class Streamer:
             x0, masses = jax.lax.scan(maybe_denoise, noises[0], (jnp.arange(n_steps), xs))
 
         # --- cache refresh at context_noise, then commit -----------------------------------
+        # refresh_noise='none' (inference, Self-Forcing / LongLive): the clean x0 at timestep
+        # t_ctx; 'add' (their training): x0 re-noised to t_ctx with the next unused noise.
         t_ctx = smp.context_noise
-        if t_ctx != 0:
+        if t_ctx != 0 and smp.refresh_noise == "add":
             ctx_noise = noises[-1] if exit_step is None else jnp.take(noises, last_step + 1, axis=0)
             x_ctx = sampler.add_noise(x0, ctx_noise, t_ctx / smp.num_train_timesteps)
         else:
@@ -316,8 +315,59 @@ class Streamer:
             mass = res.key_mass[:, : x_t.shape[0]].mean(axis=1)  # [L, S + F_s + F] (cond branch)
         return v, mass
 
+    def switch_prompt(self, params, carry: Carry, prompt_id, prompts, negative=None) -> Carry:
+        """What `step` does before denoising: if `prompt_id` ([] int32, may be traced) differs from
+        the carry's, the new prompt's cross-attention keys/values and the `stream.recache` re-cache
+        (skipped while nothing is cached); else the carry unchanged.
+        """
+        sc = self.stream_cfg
+        prompt_id = jnp.asarray(prompt_id, jnp.int32)
+        negative = self._negative(prompts, negative)
+        switch = prompt_id != carry.prompt_id
+        text = jax.lax.cond(
+            switch, lambda: self._text_kv(params, prompts, prompt_id, negative), lambda: carry.text
+        )
+        carry = carry.replace(text=text, prompt_id=prompt_id)
+        if sc.recache != "none":
+            model = self._model(params)
+            carry = jax.lax.cond(
+                switch & (carry.num_frames > 0), lambda c: self._recache(model, c), lambda c: c, carry
+            )
+        return carry
+
     def _recache(self, model: wan.WanDiT, carry: Carry) -> Carry:
-        """LongLive re-cache: re-run the window's clean frames under the new prompt (anchors kept)."""
+        """Re-run cached clean frames at t = context_noise under the carry's (new) prompt."""
+        if self.stream_cfg.recache == "longlive":
+            return self._recache_longlive(model, carry)
+        return self._recache_window_causal(model, carry)
+
+    def _recache_longlive(self, model: wan.WanDiT, carry: Carry) -> Carry:
+        """LongLive v1: the last min(A + W + F, S) clean frames in one bidirectional pass, with the
+        kept sink as context (`recache_global_sink`, once past the first A + W + F frames)."""
+        sc = self.stream_cfg
+        a, n = sc.anchor_slots, sc.local_attention_frames
+        bb = carry.latents.shape[0] * self.branches
+        plan = anchors.longlive_recache_plan(sc, carry)
+        lat = jnp.take(carry.history, plan.frame_idx % n, axis=1)  # [B, n, h, w, C]
+        keys_seen = plan.rerun  # [n] a re-run frame sees every re-run frame (no block mask)
+        ctx = None
+        if a:
+            sink_pos = anchors.slot_positions(sc, carry)[:a]
+            ctx = wan.Context(
+                carry.k[:, :, :a],
+                carry.v[:, :, :a],
+                jnp.broadcast_to(sink_pos, (bb, a)),
+                jnp.broadcast_to(carry.valid[:a] & plan.sink_kept, (bb, a)),
+            )
+            keys_seen = jnp.concatenate([jnp.ones((a,), bool), keys_seen])  # sink: by ctx.valid
+        frame_mask = jnp.broadcast_to(keys_seen, (n, keys_seen.shape[0]))  # [n, A + n]
+        t = jnp.full((bb, n), self.sampler_cfg.context_noise, jnp.float32)
+        out = model(self._dup(lat), t, carry.text, plan.positions, ctx, frame_mask)
+        return anchors.write_recached(sc, carry, plan, out.k, out.v, lat)
+
+    def _recache_window_causal(self, model: wan.WanDiT, carry: Carry) -> Carry:
+        """Re-run the window's clean frames block-causally under the new prompt, the anchors kept
+        and read as context (our rule before the LongLive one; the only one for adastate/ema_sink)."""
         sc = self.stream_cfg
         a, w = sc.anchor_slots, sc.window_slots
         b = carry.latents.shape[0]

@@ -4,6 +4,14 @@ Owns: the shifted sigma schedule, the warping of a denoising list through the sh
 velocity, re-noising, and classifier-free guidance arithmetic. Timesteps are model timesteps in
 [0, num_train_timesteps]; sigma = t / num_train_timesteps.
 
+Cache refresh (`context_noise`, `refresh_noise`): after a chunk is denoised, its clean prediction
+is run once more at timestep `context_noise` and that pass writes the cache. What goes in:
+  * 'none' (default): the clean prediction itself, labelled with timestep `context_noise`, as the
+    inference pipelines of Self-Forcing and LongLive do;
+  * 'add': the clean prediction re-noised to `context_noise` with fresh noise, as their training
+    pipelines do (used by DMD training, `training/objectives/dmd.py`).
+The two agree when `context_noise` is 0.
+
 Must not know: models, caches, anchors.
 """
 
@@ -16,6 +24,8 @@ import numpy as np
 
 from adastate_jax.dataclass_config import dataclass_from_dict
 
+REFRESH_NOISE = ("none", "add")
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
@@ -24,6 +34,7 @@ class SamplerConfig:
     denoising_steps: tuple[float, ...] = (1000, 750, 500, 250)
     warp_denoising_steps: bool = True
     context_noise: float = 0.0
+    refresh_noise: str = "none"  # cache refresh input at context_noise: none (clean) | add (module doc)
     guidance_scale: float = 1.0
 
     def __post_init__(self):
@@ -39,6 +50,8 @@ class SamplerConfig:
             raise ValueError(f"config.sampler.denoising_steps {steps} must be strictly decreasing")
         if not (0 <= self.context_noise < n):
             raise ValueError(f"config.sampler.context_noise must be in [0, {n}), got {self.context_noise}")
+        if self.refresh_noise not in REFRESH_NOISE:
+            raise ValueError(f"config.sampler.refresh_noise: {self.refresh_noise!r} not in {REFRESH_NOISE}")
         object.__setattr__(self, "denoising_steps", steps)
 
     @classmethod

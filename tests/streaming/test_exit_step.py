@@ -47,7 +47,8 @@ def _close(a, b, what):
     "anchor, smp",
     [
         ("adastate", {}),
-        ("sink", dict(context_noise=100.0)),  # the context noise is the exit step's next noise
+        # the context noise of the training refresh is the exit step's next noise
+        ("sink", dict(context_noise=100.0, refresh_noise="add")),
         ("window", dict(guidance_scale=3.0)),  # two branches
     ],
     ids=["adastate", "sink_context_noise", "window_guidance"],

@@ -38,7 +38,7 @@ def _streamer(model, **kw):
     "kw",
     [
         dict(anchor="adastate"),
-        dict(anchor="ema_sink", window_frames=3, recache_on_switch=True),
+        dict(anchor="ema_sink", window_frames=3, recache="window_causal"),
         dict(anchor="window", window_frames=6, time_layout="absolute"),
     ],
     ids=["adastate", "ema_sink_recache", "window_abs"],
@@ -244,7 +244,7 @@ def test_prompt_switch_changes_only_later_chunks_and_recache_rewrites_window(mod
     c_b, b = run(st, [0, 0, 1, 1])
     np.testing.assert_array_equal(np.asarray(a.latents[:2]), np.asarray(b.latents[:2]))
     assert not np.allclose(np.asarray(a.latents[2]), np.asarray(b.latents[2]))
-    st_re = _streamer(model, anchor="sink", sink_frames=3, window_frames=3, recache_on_switch=True)
+    st_re = _streamer(model, anchor="sink", sink_frames=3, window_frames=3, recache="window_causal")
     c_r, r = run(st_re, [0, 0, 1, 1])
     np.testing.assert_array_equal(np.asarray(r.latents[:2]), np.asarray(b.latents[:2]))
     assert not np.allclose(np.asarray(r.latents[2]), np.asarray(b.latents[2]))  # re-cached window differs

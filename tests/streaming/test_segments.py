@@ -26,7 +26,7 @@ def model():
 
 POLICIES = {
     "adastate": dict(anchor="adastate"),
-    "sink_recache": dict(anchor="sink", sink_frames=3, window_frames=3, recache_on_switch=True),
+    "sink_recache": dict(anchor="sink", sink_frames=3, window_frames=3, recache="window_causal"),
 }
 
 

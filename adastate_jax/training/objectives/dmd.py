@@ -115,8 +115,11 @@ class SelfForcingDMD(SingleModelObjective):
         self.stream_cfg = exp.stream
         base = exp.sampler
         self.num_exits = len(base.denoising_steps)
-        self.streamer = Streamer(
-            self.graphdef, exp.model, self.stream_cfg, dataclasses.replace(base, guidance_scale=1.0)
+        self.streamer = Streamer(  # refresh_noise='add': the cache refresh of Self-Forcing's training
+            self.graphdef,
+            exp.model,
+            self.stream_cfg,
+            dataclasses.replace(base, guidance_scale=1.0, refresh_noise="add"),
         )
         self.tx = state_lib.make_optimizer(tc, b1=tc.dmd_b1)
         self.critic_tx = state_lib.make_optimizer(tc, lr=tc.critic_lr, b1=tc.critic_b1)
