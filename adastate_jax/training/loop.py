@@ -362,6 +362,7 @@ def train(cfg, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict
         signals = _Signals()
         signals.install()
         step = start
+        injected = False
         t_log, step_log = time.perf_counter(), step
         t_start = t_log
         metrics = {}
@@ -372,9 +373,10 @@ def train(cfg, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict
                         json.dumps({"step": step, "index": [int(i) for i in local["index"]]}) + "\n"
                     )
                     order_fh.flush()
-                if step == tc.inject_nan_at:  # testing hook of the non-finite guard
+                if step == tc.inject_nan_at and not injected:  # testing hook of the non-finite guard
                     key = "latents" if "latents" in batch else "video"  # 'vae' trains on pixels
                     batch = dict(batch, **{key: batch[key] * jnp.nan})
+                    injected = True
                 state, metrics_dev = compiled(state, batch)
                 # the iterator state after this batch is what a checkpoint of `state` must hold
                 data_state = data_iter.get_state()

@@ -1,6 +1,7 @@
 """Each objective lowers its loss on a tiny PanWorld problem within a few dozen steps (CPU, 1 device);
 the non-finite guard stops training and keeps the last good state."""
 
+import json
 import os
 
 import jax
@@ -42,8 +43,14 @@ def test_flow_matching_lowers_loss_and_nonfinite_guard_keeps_last_good_state(tmp
     # guard: continue to step 40 with a NaN batch at step 33 -> stops, state of step 33 saved
     cfg.train.steps = 40
     cfg.train.inject_nan_at = 33
-    with pytest.raises(loop.NonFiniteError, match="non-finite loss"):
+    with pytest.raises(
+        loop.NonFiniteError, match=r"non-finite loss .* at step 33 on the batch of panworld records \["
+    ) as e:
         loop.train(cfg, str(tmp_path), mesh=one_device_mesh())
+    assert "bad_batches='skip'" in str(e.value)
+    (row,) = [json.loads(x) for x in open(tmp_path / "bad_batches.jsonl")]
+    assert row["step"] == 33 and row["action"] == "stopped" and row["source"] == "panworld"
+    assert len(row["records"]) == cfg.train.batch_size and str(row["records"]) in str(e.value)
     assert (tmp_path / "checkpoints" / "33").is_dir()
     from adastate_jax.training.checkpoint import TrainCheckpointer
 
@@ -54,6 +61,18 @@ def test_flow_matching_lowers_loss_and_nonfinite_guard_keeps_last_good_state(tmp
     assert step == 33 and int(state.step) == 33
     assert all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(state.params))
     del out
+
+
+def test_nonfinite_batches_can_be_skipped_and_logged(tmp_path, capsys):
+    """train.bad_batches='skip': the non-finite step is not applied, the batch's records are logged
+    to WORKDIR/bad_batches.jsonl, and training reaches its last step."""
+    cfg = panworld_config("teacher", steps=4, inject_nan_at=2, bad_batches="skip")
+    out = loop.train(cfg, str(tmp_path), mesh=one_device_mesh())
+    assert out["step"] == 4 and [r["step"] for r in out["skipped"]] == [2]
+    (row,) = [json.loads(x) for x in open(tmp_path / "bad_batches.jsonl")]
+    assert row["action"] == "skipped" and len(row["records"]) == cfg.train.batch_size
+    assert "non-finite loss on the batch of panworld records" in capsys.readouterr().out
+    assert os.path.isdir(tmp_path / "export" / "params")
 
 
 def test_ode_init_lowers_loss(tmp_path, random_teacher):
