@@ -30,6 +30,19 @@ Columns (and JSON keys)
                     per policy, where the backend reports it
 Policies are measured one after another in one process, so their ratios are comparable; the
 absolute numbers depend on the machine and its load. Nothing here asserts a time.
+
+Memory at several lengths (`--memory_lengths=250,1000,4000`, instead of the latency table): for
+each policy, launch/rollout.py's own loop (`recorder.write_rollout`: segments of
+`--segment_chunks`, video and JSON-lines records written per chunk, into a temporary folder) runs
+each length on a fresh carry, after a two-segment warm-up that compiles it. Columns:
+  chunks / seconds / chunks_per_s   the length, its wall time, its rate (video writing included)
+  rss_peak_mb       peak resident memory of the process during that length (`writers.RssMonitor`,
+                    sampled every 50 ms); `rss_ratio` = over the shortest length's peak (same policy)
+  rss_growth_mb     that peak minus the resident memory when the length started
+  device_peak_mb    the device's `peak_bytes_in_use` after that length (a running peak over the
+                    process, so it can only rise; `device_ratio` over the shortest length's); "n/a"
+                    where the backend has no `memory_stats()` (CPU)
+A rollout whose memory does not grow with its length shows ratios of 1 within noise.
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -52,7 +66,7 @@ from tqdm import tqdm  # noqa: E402
 from adastate_jax import build  # noqa: E402
 from adastate_jax import config as config_lib  # noqa: E402
 from adastate_jax.config import cli  # noqa: E402
-from adastate_jax.streaming import anchors  # noqa: E402
+from adastate_jax.streaming import anchors, recorder, writers  # noqa: E402
 
 _CONFIG = cli.define("configs/tiny.py")
 flags.DEFINE_string("policies", ",".join(anchors.POLICIES), "Comma-separated anchor policies to measure.")
@@ -60,6 +74,10 @@ flags.DEFINE_integer("num_chunks", 128, "Chunks per measured rollout (>= 3).")
 flags.DEFINE_string("checkpoint", "", "DiT params directory (launch/convert.py --out); empty: random init.")
 flags.DEFINE_string("vae_checkpoint", "", "Wan VAE weights when config.vae.kind='wan'.")
 flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+flags.DEFINE_string(
+    "memory_lengths", "", "Measure peak host/device memory at these lengths instead, e.g. 250,1000,4000."
+)
+flags.DEFINE_integer("segment_chunks", 1, "Chunks per compiled scan when measuring memory (as rollout.py).")
 FLAGS = flags.FLAGS
 
 COLUMNS = (
@@ -163,16 +181,110 @@ def _json_safe(x):
     return x
 
 
-def format_table(rows: list[dict]) -> str:
-    widths = [max(len(c), 10) for c in COLUMNS]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths))]
+def format_table(rows: list[dict], columns=COLUMNS) -> str:
+    widths = [max(len(c), 10) for c in columns]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     for r in rows:
         cells = []
-        for c, w in zip(COLUMNS, widths):
+        for c, w in zip(columns, widths):
             v = r[c]
             cells.append((v if isinstance(v, str) else f"{v:.3g}").rjust(w))
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory at several lengths
+# ---------------------------------------------------------------------------------------------
+MEMORY_COLUMNS = (
+    "policy",
+    "chunks",
+    "seconds",
+    "chunks_per_s",
+    "rss_peak_mb",
+    "rss_ratio",
+    "rss_growth_mb",
+    "device_peak_mb",
+    "device_ratio",
+)
+
+
+def device_peak_mb() -> float | str:
+    """The device's peak_bytes_in_use in MB, or "n/a" where memory_stats() is not reported."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats raise or return None
+        stats = None
+    return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else "n/a"
+
+
+def _write(streamer, dit, table, decoder_params, num_chunks: int, folder: str) -> dict:
+    """launch/rollout.py's loop over `num_chunks` chunks into `folder`."""
+    carry = streamer.init_carry(dit.params, table, jax.random.key(0), decoder_params=decoder_params)
+    files = recorder.rollout_files(os.path.join(folder, "v.mp4"))
+    schedule = recorder.PromptSchedule((), 1, num_chunks)
+    return recorder.write_rollout(
+        streamer, dit.params, carry, schedule, table, files,
+        segment_chunks=FLAGS.segment_chunks, decoder_params=decoder_params,
+    )  # fmt: skip
+
+
+def memory_rows(exp, policy, lengths, dit, decoder, decoder_params, table) -> list[dict]:
+    """One row per length (ascending) for `policy`: time, peak host and device memory, ratios."""
+    streamer = build.streamer(exp, dit.graphdef, decoder_=decoder, anchor=policy)
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up: compile the segment program
+        _write(streamer, dit, table, decoder_params, 2 * FLAGS.segment_chunks, tmp)
+    rows = []
+    for n in lengths:
+        with tempfile.TemporaryDirectory() as tmp, writers.RssMonitor() as mon:
+            t0 = time.perf_counter()
+            res = _write(streamer, dit, table, decoder_params, n, tmp)
+            seconds = time.perf_counter() - t0
+        if res["num_chunks"] != n:
+            raise RuntimeError(f"{policy}: {res['num_chunks']} of {n} chunks were written")
+        rows.append(
+            dict(
+                policy=policy,
+                chunks=n,
+                seconds=seconds,
+                chunks_per_s=n / seconds,
+                rss_peak_mb=mon.peak_bytes / 2**20,
+                rss_growth_mb=(mon.peak_bytes - mon.start_bytes) / 2**20,
+                device_peak_mb=device_peak_mb(),
+                video_frames=res["video_frames"],
+            )
+        )
+        print(f"{policy} {n} chunks: peak RSS {rows[-1]['rss_peak_mb']:.0f} MB in {seconds:.1f} s")
+    for r in rows:
+        r["rss_ratio"] = r["rss_peak_mb"] / rows[0]["rss_peak_mb"]
+        dev0 = rows[0]["device_peak_mb"]
+        r["device_ratio"] = "n/a" if isinstance(dev0, str) else r["device_peak_mb"] / dev0
+    return rows
+
+
+def parse_lengths(spec: str) -> list[int]:
+    try:
+        lengths = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise app.UsageError(f"--memory_lengths={spec!r}: give chunk counts like 250,1000,4000") from None
+    if not lengths or lengths[0] < 1:
+        raise app.UsageError(f"--memory_lengths={spec!r}: give positive chunk counts like 250,1000,4000")
+    return lengths
+
+
+def latency_rows(exp, policies, dit, decoder, decoder_params, table) -> list[dict]:
+    rows = []
+    for policy in policies:
+        rows.append(benchmark_policy(exp, policy, dit, decoder, decoder_params, table))
+        print(f"{policy}: median {rows[-1]['median_ms']:.3g} ms/chunk, compile {rows[-1]['compile_s']:.3g} s")
+
+    device = jax.devices()[0]
+    print(
+        f"\n{FLAGS.num_chunks} chunks per policy, batch {exp.stream.batch_size}, "
+        f"device {device.device_kind} ({device.platform}); memory: {rows[-1]['memory_source']}\n"
+    )
+    print(format_table(rows))
+    return rows
 
 
 def main(argv):
@@ -183,7 +295,8 @@ def main(argv):
     bad = [p for p in policies if p not in anchors.POLICIES]
     if bad or not policies:
         raise app.UsageError(f"--policies={FLAGS.policies!r}: unknown {bad}; choose from {anchors.POLICIES}")
-    if FLAGS.num_chunks < 3:
+    lengths = parse_lengths(FLAGS.memory_lengths) if FLAGS.memory_lengths else None
+    if lengths is None and FLAGS.num_chunks < 3:
         raise app.UsageError(f"--num_chunks={FLAGS.num_chunks} must be >= 3 (first chunk + a latency slope)")
     if not FLAGS.checkpoint:
         print("note: no --checkpoint: random initialisation (timing does not depend on the weights)")
@@ -193,26 +306,29 @@ def main(argv):
     # timing does not depend on the prompt values: a zero prompt table of the right shape
     table = jnp.zeros((1, batch, exp.model.text_len, exp.model.text_dim), jnp.float32)
 
-    rows = []
-    for policy in policies:
-        rows.append(benchmark_policy(exp, policy, dit, decoder, decoder_params, table))
-        print(f"{policy}: median {rows[-1]['median_ms']:.3g} ms/chunk, compile {rows[-1]['compile_s']:.3g} s")
-
     device = jax.devices()[0]
-    print(
-        f"\n{FLAGS.num_chunks} chunks per policy, batch {batch}, "
-        f"device {device.device_kind} ({device.platform}); memory: {rows[-1]['memory_source']}\n"
-    )
-    print(format_table(rows))
+    if lengths is not None:
+        rows = []
+        for policy in policies:
+            rows += memory_rows(exp, policy, lengths, dit, decoder, decoder_params, table)
+        print(
+            f"\nmemory at {lengths} chunks, segments of {FLAGS.segment_chunks}, batch {batch}, "
+            f"device {device.device_kind} ({device.platform})\n"
+        )
+        print(format_table(rows, MEMORY_COLUMNS))
+        columns = MEMORY_COLUMNS
+    else:
+        rows, columns = latency_rows(exp, policies, dit, decoder, decoder_params, table), COLUMNS
     if FLAGS.json:
         report = dict(
             config=json.loads(config_lib.to_json(cfg)),
             checkpoint=FLAGS.checkpoint or None,
-            num_chunks=FLAGS.num_chunks,
+            num_chunks=FLAGS.num_chunks if lengths is None else lengths,
+            segment_chunks=FLAGS.segment_chunks if lengths is not None else None,
             batch_size=batch,
             device=str(device),
             device_kind=device.device_kind,
-            columns=list(COLUMNS),
+            columns=list(columns),
             results=rows,
         )
         report = _json_safe(report)

@@ -64,3 +64,36 @@ def test_bad_policy_is_named():
     res = _run(["--policies=window,nope", "--num_chunks=4"], timeout=60)
     assert res.returncode != 0
     assert "--policies='window,nope'" in res.stderr + res.stdout
+
+
+MEMORY_COLUMNS = [
+    "policy",
+    "chunks",
+    "seconds",
+    "chunks_per_s",
+    "rss_peak_mb",
+    "rss_ratio",
+    "rss_growth_mb",
+    "device_peak_mb",
+    "device_ratio",
+]
+
+
+def test_memory_mode_reports_peak_host_and_device_memory_per_length(tmp_path):
+    out = tmp_path / "mem.json"
+    res = _run(
+        ["--policies=window", "--memory_lengths=6,3", "--segment_chunks=2", f"--json={out}"], timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    header = next(line for line in res.stdout.splitlines() if line.strip().startswith("policy"))
+    assert header.split() == MEMORY_COLUMNS
+    report = json.loads(out.read_text())
+    assert report["columns"] == MEMORY_COLUMNS and report["num_chunks"] == [3, 6]
+    rows = report["results"]
+    assert [(r["policy"], r["chunks"]) for r in rows] == [("window", 3), ("window", 6)]  # ascending
+    for r in rows:
+        assert r["video_frames"] == 3 * r["chunks"]  # launch/rollout.py's loop wrote every frame
+        assert r["rss_peak_mb"] > 0 and r["rss_growth_mb"] >= 0
+        assert np.isclose(r["rss_ratio"], r["rss_peak_mb"] / rows[0]["rss_peak_mb"])
+        assert np.isclose(r["chunks_per_s"], r["chunks"] / r["seconds"])
+        assert r["device_peak_mb"] == r["device_ratio"] == "n/a"  # CPU: no memory_stats()

@@ -1,66 +1,115 @@
-"""launch/rollout.py end to end (the README's main command) and its bad-input errors."""
+"""launch/rollout.py (the README's main command): one end-to-end run, the interruption contract
+(SIGINT / SIGTERM finalise a playable video, complete records and the summary, exit 0), and the
+text path of its prompts, in process. Its output checks are unit-tested in
+tests/streaming/test_recorder.py (`rollout_files`, `PromptSchedule`, `write_rollout`)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
+
+from adastate_jax import build
+from adastate_jax import config as config_lib
+from adastate_jax.config import cli
+from adastate_jax.streaming import writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("imageio_ffmpeg")
+# the same program (flags, prompt table, --segment_chunks) in every run below: the persistent
+# compilation cache compiles it once
+COMMON = ["--instrument", "--show_state", "--prompt=pan right fast", "--prompt=pan left slow"]
 
 
-def _run(*args, cwd=REPO):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "launch", "rollout.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-    )
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=str(cache))
 
 
-def test_rollout_cli_writes_video_state_and_report(tmp_path):
+def _cmd(*args):
+    return [sys.executable, os.path.join(REPO, "launch", "rollout.py"), *COMMON, *args]
+
+
+def _frames(path):
+    """Frames ffmpeg decodes from `path` (the file plays)."""
+    import imageio_ffmpeg
+
+    gen = imageio_ffmpeg.read_frames(path)
+    next(gen)
+    return sum(1 for _ in gen)
+
+
+def test_rollout_cli_writes_video_state_records_and_summary(tmp_path, env):
     out = tmp_path / "demo.mp4"
     # from another directory: the default config is found next to the script
-    r = _run(
-        "--num_chunks=4",
-        f"--out={out}",
-        "--instrument",
-        "--show_state",
-        "--prompt=pan right fast",
-        "--prompt=pan left slow",
-        "--prompt_schedule=0:0,2:1",
-        cwd=str(tmp_path),
-    )
+    r = subprocess.run(
+        _cmd("--num_chunks=4", f"--out={out}", "--prompt_schedule=0:0,2:1"),
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "randomly initialised" in r.stdout + r.stderr  # honest about the untrained model
-    assert out.exists() and out.stat().st_size > 1000
-    assert (tmp_path / "demo_state.mp4").exists()
-    report = json.loads((tmp_path / "demo.json").read_text())
-    assert report["num_chunks"] == 4 and report["latent_frames"] == 12 and report["video_frames"] == 12
-    assert report["prompt_schedule"] == [0, 0, 1, 1]
-    assert len(report["chunk_latency_s"]) == 4
-    shares = np.asarray(report["attention_share"])  # [chunk, layer, group]
+    assert _frames(str(out)) == 12 and _frames(str(tmp_path / "demo_state.mp4")) == 4
+    records = writers.read_records(str(tmp_path / "demo.jsonl"))
+    assert [r["chunk"] for r in records] == [0, 1, 2, 3]
+    assert [r["prompt_id"] for r in records] == [0, 0, 1, 1]
+    shares = np.asarray([r["attention_share"] for r in records])  # [chunk, layer, group]
     assert shares.shape == (4, 2, 3)
     np.testing.assert_allclose(shares.sum(-1), 1.0, atol=1e-3)
-    assert report["config"]["stream"]["anchor"] == "adastate"
+    summary = json.loads((tmp_path / "demo.json").read_text())
+    assert summary["status"] == "complete" and summary["stopped_by"] is None
+    assert summary["num_chunks"] == 4 and summary["video_frames"] == 12 and summary["state_frames"] == 4
+    assert summary["prompt_switches"] == [[0, 0], [2, 1]] and summary["segment_chunks"] == 1
+    assert summary["latency"]["count"] == 3  # the chunks after the first segment (one chunk)
+    assert summary["config"]["stream"]["anchor"] == "adastate" and summary["peak_rss_bytes"] > 0
 
 
-def test_rollout_cli_bad_inputs_are_named(tmp_path):
-    r = _run("--num_chunks=3", f"--out={tmp_path / 'a.mp4'}", "--prompt_schedule=5:0")
-    assert r.returncode != 0 and "chunk 5 is outside the rollout's 3 chunks" in r.stderr
-    r = _run("--num_chunks=3", f"--out={tmp_path / 'b.mp4'}", "--config.stream.anchor=sinc")
-    assert r.returncode != 0 and "config.stream.anchor" in r.stderr
-    r = _run("--num_chunks=3", f"--out={tmp_path / 'c.mp4'}", "--prompt=pan upward")
-    assert r.returncode != 0 and "upward" in r.stderr
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_endless_rollout_interrupted_keeps_a_playable_video_and_every_record(tmp_path, env, sig):
+    out = tmp_path / "live.mp4"
+    proc = subprocess.Popen(
+        _cmd("--num_chunks=0", f"--out={out}"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path),
+    )  # fmt: skip
+    records_path = str(tmp_path / "live.jsonl")
+    deadline = time.time() + 600
+    while not (os.path.exists(records_path) and len(writers.read_records(records_path)) >= 3):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "no 3 chunks within 600 s"
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((tmp_path / "live.json").read_text())
+    n = summary["num_chunks"]
+    assert summary["status"] == "stopped" and summary["stopped_by"] == signal.Signals(sig).name
+    assert summary["requested_chunks"] == 0 and n >= 3
+    records = writers.read_records(records_path)
+    assert [r["chunk"] for r in records] == list(range(n))  # every chunk up to the stop, in order
+    assert _frames(str(out)) == 3 * n == summary["video_frames"] == records[-1]["frames"]
+    assert _frames(str(tmp_path / "live_state.mp4")) == n
 
 
-def test_rollout_cli_umt5_text_path_with_local_tokenizer(tmp_path):
+# ---------------------------------------------------------------------------------------------
+# the prompts of a rollout (build.prompt_table, as launch/rollout.py calls it), in process
+# ---------------------------------------------------------------------------------------------
+def _tiny():
+    return cli.load_file(os.path.join(REPO, "configs", "tiny.py"))
+
+
+def test_a_prompt_outside_the_panworld_vocabulary_is_named():
+    with pytest.raises(KeyError, match="upward"):
+        build.prompt_table(config_lib.parse(_tiny()), ["pan upward"])
+
+
+def test_umt5_prompts_with_a_local_tokenizer_and_the_prompt_cache(tmp_path):
     """`config.text.kind='umt5'`: a converted UMT5 checkpoint and a local sentencepiece tokenizer turn
-    `--prompt` text into the embeddings the DiT reads (with the on-disk prompt cache)."""
+    prompt text into the embeddings the DiT reads (with the on-disk prompt cache)."""
+    import ml_collections
     import sentencepiece
     import torch
     import transformers
@@ -69,57 +118,30 @@ def test_rollout_cli_umt5_text_path_with_local_tokenizer(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(["a red car drives along the coast at sunset", "pan left over a city"] * 20))
     sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(tmp_path / "spiece"),
-        vocab_size=24,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
+        input=str(corpus), model_prefix=str(tmp_path / "spiece"), vocab_size=24, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
+    )  # fmt: skip
+    umt5 = dict(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_layers=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+    )  # fmt: skip
     torch.manual_seed(0)
     hf = transformers.UMT5EncoderModel(
-        transformers.UMT5Config(
-            vocab_size=64,
-            d_model=32,
-            d_kv=8,
-            d_ff=48,
-            num_heads=4,
-            num_layers=2,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-        )
+        transformers.UMT5Config(**umt5, dropout_rate=0.0, feed_forward_proj="gated-gelu")
     ).eval()
     save_file(
         {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()},
         str(tmp_path / "t5.safetensors"),
     )
-    cfg_file = tmp_path / "cfg.py"
-    cfg_file.write_text(
-        "import importlib.util, ml_collections\n"
-        f"spec = importlib.util.spec_from_file_location('tiny', {os.path.join(REPO, 'configs', 'tiny.py')!r})\n"
-        "tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)\n"
-        "def get_config(arg=None):\n"
-        "    c = tiny.get_config(arg)\n"
-        "    c.text.kind = 'umt5'\n"
-        f"    c.text.tokenizer_path = {str(tmp_path / 'spiece.model')!r}\n"
-        f"    c.text.cache_dir = {str(tmp_path / 'cache')!r}\n"
-        "    c.text.umt5 = ml_collections.ConfigDict(dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4,"
-        " num_layers=2, relative_attention_num_buckets=8, relative_attention_max_distance=16))\n"
-        "    return c\n"
+    cfg = _tiny()
+    cfg.text.kind = "umt5"
+    cfg.text.tokenizer_path = str(tmp_path / "spiece.model")
+    cfg.text.cache_dir = str(tmp_path / "cache")
+    cfg.text.umt5 = ml_collections.ConfigDict(umt5)
+    exp = config_lib.parse(cfg)
+    table = build.prompt_table(
+        exp, ["a red car drives along the coast"], text_checkpoint=str(tmp_path / "t5.safetensors")
     )
-    r = _run(
-        f"--config={cfg_file}",
-        f"--text_checkpoint={tmp_path / 't5.safetensors'}",
-        "--num_chunks=2",
-        "--prompt=a red car drives along the coast",
-        f"--out={tmp_path / 'v.mp4'}",
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "v.mp4").exists()
+    assert table.shape == (1, exp.stream.batch_size, exp.model.text_len, exp.model.text_dim)
+    assert np.all(np.isfinite(table)) and np.abs(table).max() > 0
     assert any((tmp_path / "cache").iterdir())  # the encoded prompt was cached on disk
