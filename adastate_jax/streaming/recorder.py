@@ -10,6 +10,9 @@ Owns:
   * `chunk_video`, `chunk_record`: host views of chunk i of a segment (frames to show, one record).
   * `StateDecoder`: the adaptive state's latents decoded as a stream of their own (own decode
     cache, so chunk by chunk equals decoding the whole state sequence at once).
+  * `read_rollout(summary_path)`: a finished rollout's summary with its per-chunk records folded
+    back in (`prompt_schedule` [N], `attention_share` [N, L, 3], `chunk_latency_s` [N]), the view
+    an evaluation of videos on disk needs.
   * `write_rollout(...)`: the loop. It consumes `Streamer.rollout_segments`, copies one segment at
     a time to the host, hands each chunk to the video writer(s) and the record writer, and stops
     after the current segment when `stop` becomes true. Returns counts and latency summaries; the
@@ -30,6 +33,7 @@ import bisect
 import contextlib
 import dataclasses
 import itertools
+import json
 import os
 import tempfile
 import time
@@ -278,3 +282,20 @@ def write_rollout(
         latency=stats.as_dict(),
         elapsed_s=time.perf_counter() - t_start,
     )
+
+
+def read_rollout(summary_path: str) -> dict:
+    """The summary JSON of a rollout plus its records (`records`, a .jsonl beside it) folded into
+    arrays over the chunks written: `prompt_schedule` [N] ids, `chunk_latency_s` [N], and with
+    instrumentation `attention_share` [N][layer][group]. Reads every record (offline use)."""
+    with open(summary_path, encoding="utf-8") as fh:
+        summary = json.load(fh)
+    path = summary.get("records") or os.path.splitext(summary_path)[0] + ".jsonl"
+    if not os.path.exists(path):  # a folder that moved: the records sit beside the summary
+        path = os.path.join(os.path.dirname(summary_path), os.path.basename(path))
+    records = writers.read_records(path)
+    summary["prompt_schedule"] = [r["prompt_id"] for r in records]
+    summary["chunk_latency_s"] = [r["latency_s"] for r in records]
+    if records and "attention_share" in records[0]:
+        summary["attention_share"] = [r["attention_share"] for r in records]
+    return summary

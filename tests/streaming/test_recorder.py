@@ -2,6 +2,7 @@
 in the video and the records, a stop that keeps what was written, the state decoded as a stream."""
 
 import itertools
+import json
 import os
 
 import jax
@@ -143,12 +144,14 @@ def _write(setup, tmp_path, schedule, stop=None):
     return files, res
 
 
-def test_every_chunk_reaches_the_video_and_the_records_as_one_scan_gives_it(setup, tmp_path):
+def test_every_chunk_reaches_the_video_and_the_records_as_the_rollout_gives_it(setup, tmp_path):
     st, params, prompts, dparams = setup
     schedule = recorder.PromptSchedule.parse("0:0,3:1,5:0", num_prompts=2, num_chunks=7)  # K=3: 3+3+1
     files, res = _write(setup, tmp_path, schedule)
     carry = st.init_carry(params, prompts, jax.random.key(3), decoder_params=dparams)
-    _, ref = st.jit_rollout(params, carry, jnp.asarray(list(schedule)), prompts, None, dparams)
+    # the reference: the same segments (== one scan == the generator, tests/streaming/test_segments.py)
+    segs = list(st.rollout_segments(params, carry, list(schedule), prompts, 3, decoder_params=dparams))
+    ref = jax.tree.map(lambda *xs: np.concatenate(xs), *[jax.device_get(g.outs) for g in segs])
 
     assert res["num_chunks"] == 7 and res["video_frames"] == 21 and res["state_frames"] == 7
     assert res["latency"]["count"] == 4  # chunks after the first segment
@@ -160,6 +163,12 @@ def test_every_chunk_reaches_the_video_and_the_records_as_one_scan_gives_it(setu
     np.testing.assert_array_equal([r["key_valid"] for r in records], np.asarray(ref.key_valid).astype(int))
     shares = attention_shares(st.stream_cfg, np.asarray(ref.key_mass))  # [7, L, 3]
     np.testing.assert_allclose([r["attention_share"] for r in records], shares, atol=1e-5)
+
+    summary_path = tmp_path / "v.json"  # the caller's summary, beside the records
+    summary_path.write_text(json.dumps(dict(video=files.video, records=files.records, prompts=["a", "b"])))
+    view = recorder.read_rollout(str(summary_path))
+    assert view["prompt_schedule"] == list(schedule) and len(view["chunk_latency_s"]) == 7
+    np.testing.assert_allclose(view["attention_share"], shares, atol=1e-5)
 
     frames = _read(files.video)  # upscaled x2 (8x8 -> 16x16), lossy H.264
     want = video.upscale(video.to_uint8(np.concatenate(list(np.asarray(ref.frames[:, 0])))), factor=2)
