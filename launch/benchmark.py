@@ -188,7 +188,8 @@ def format_table(rows: list[dict], columns=COLUMNS) -> str:
         cells = []
         for c, w in zip(columns, widths):
             v = r[c]
-            cells.append((v if isinstance(v, str) else f"{v:.3g}").rjust(w))
+            text = v if isinstance(v, str) else str(v) if isinstance(v, int | np.integer) else f"{v:.3g}"
+            cells.append(text.rjust(w))
         lines.append("  ".join(cells))
     return "\n".join(lines)
 
