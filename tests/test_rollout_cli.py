@@ -21,14 +21,13 @@ from adastate_jax.streaming import writers
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("imageio_ffmpeg")
 # the same program (flags, prompt table, --segment_chunks) in every run below: the persistent
-# compilation cache compiles it once
+# compilation cache (JAX_COMPILATION_CACHE_DIR, set by conftest.py) compiles it once
 COMMON = ["--instrument", "--show_state", "--prompt=pan right fast", "--prompt=pan left slow"]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=str(cache))
+def env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device
 
 
 def _cmd(*args):
