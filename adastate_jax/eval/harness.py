@@ -37,6 +37,7 @@ from tqdm import tqdm
 from adastate_jax.data import panworld
 from adastate_jax.eval import metrics
 from adastate_jax.eval.arms import Model
+from adastate_jax.streaming import recorder
 
 REFERENCES = ("ground_truth", "frozen", "snap_back")
 POSITION_METRICS = ("progression", "return", "flicker", "psnr", "ssim")  # use the decoded camera position
@@ -311,6 +312,8 @@ def _video_dir_entries(directory: str) -> list[dict]:
     for name in names:
         with open(os.path.join(directory, name)) as fh:
             meta = json.load(fh)
+        if isinstance(meta, dict) and "records" in meta:  # launch/rollout.py: per-chunk records beside it
+            meta = recorder.read_rollout(os.path.join(directory, name))
         if isinstance(meta, dict) and "videos" in meta:
             for e in meta["videos"]:
                 entries.append(dict(e, path=os.path.join(directory, e["path"])))

@@ -312,3 +312,32 @@ def test_cli_smoke_writes_tables_and_plots_without_absolute_paths(tmp_path):
     row = next(r for r in rep["rows"] if r["arm"] == "window")
     assert row["train_seed"] is None and row["videos"] == 1
     assert 0.0 <= row["code_conf"]["mean"] < 0.5  # a random model draws no position code
+
+
+def test_videos_dir_reads_rollout_summaries_and_their_records(tmp_path):
+    """A `launch/rollout.py` output (summary JSON + per-chunk JSONL records beside it) is read with
+    its prompt schedule and attention shares from the records; a schedule with a switch is refused."""
+    from adastate_jax.streaming import writers
+
+    d = tmp_path / "rollouts"
+    d.mkdir()
+    share = [[[0.2, 0.3, 0.5]], [[0.1, 0.4, 0.5]]]  # [chunk][layer][group]
+    with writers.RecordWriter(str(d / "a.jsonl")) as rw:
+        for c in range(2):
+            rw.write(dict(chunk=c, prompt_id=1, latency_s=0.01, attention_share=share[c]))
+    summary = dict(
+        video=str(d / "a.mp4"),
+        records=str(d / "a.jsonl"),
+        prompts=["static", "pan left fast"],
+        seed=3,
+        config={"stream": {"anchor": "sink"}},
+    )
+    (d / "a.json").write_text(json.dumps(summary))
+    (entry,) = harness._video_dir_entries(str(d))
+    assert (entry["policy"], entry["prompt"], entry["seed"]) == ("sink", "pan left fast", 3)
+    assert entry["attention_share"] == share
+    with writers.RecordWriter(str(d / "a.jsonl")) as rw:
+        for c, pid in enumerate((0, 1)):
+            rw.write(dict(chunk=c, prompt_id=pid, latency_s=0.01))
+    with pytest.raises(ValueError, match="prompt switches cannot be scored"):
+        harness._video_dir_entries(str(d))
