@@ -41,6 +41,10 @@ setup(
             "sentencepiece>=0.2",
             "scikit-learn>=1.4",
             "ruff>=0.6",
+            # tests/test_notebook.py runs notebooks/adastate_demo.ipynb headlessly
+            "nbclient>=0.10",
+            "nbformat>=5.9",
+            "ipykernel>=6.29",
         ],
         "video": [
             "mediapy>=1.2",

@@ -13,8 +13,9 @@ Owns:
   position code;
 - the five-policy comparison (`compare` -> `Comparison`: running progression / anchor pull per
   frame against a held-out reference clip of the prompt, the labelled side-by-side video, a plot);
-- pictures: `viewable` (uint8, upscaled), `frame_strip` / `write_frame_strip` (a row of frames
-  every k frames, upscaled, with the frame index under each).
+- pictures: `viewable` (uint8, upscaled), `with_state` (a chunk's frames with its decoded state
+  beside them), `frame_strip` / `write_frame_strip` (a row of frames every k frames, upscaled,
+  with the frame index under each).
 
 Must not know: command lines, training, how params are stored (`build` and `shipped` load them).
 """
@@ -161,22 +162,22 @@ class Rollout:
     attention: np.ndarray | None = None  # [chunk, layer, group] attention share (GROUP_NAMES)
 
 
-_ENGINES: dict = {}  # (exp, id(graphdef), instrument) -> (graphdef, streamer, decoder params, state decode)
+_ENGINES: dict = {}  # (exp, graphdef, instrument) -> (streamer, decoder params, state decode)
 
 
 def _engine(exp: Experiment, graphdef, instrument: bool):
-    """A `Streamer` with its decoder, kept per (config, model graph, instrumentation), so that
-    rollouts of one model with the same shapes reuse one compilation."""
+    """A `Streamer` with its decoder, kept per (config, model graph, instrumentation): rollouts of
+    models of one config with the same shapes reuse one compilation."""
     import jax
 
-    key = (exp, id(graphdef), instrument)
-    if key not in _ENGINES or _ENGINES[key][0] is not graphdef:
+    key = (exp, graphdef, instrument)
+    if key not in _ENGINES:
         decoder, decoder_params = build.decoder(exp)
         if decoder is None:
             raise ValueError("config.vae.kind='none': a demo rollout needs pixels ('patch' or 'wan')")
         streamer = build.streamer(exp, graphdef, decoder_=decoder, instrument=instrument)
-        _ENGINES[key] = (graphdef, streamer, decoder_params, jax.jit(decoder.decode_chunk))
-    return _ENGINES[key][1:]
+        _ENGINES[key] = (streamer, decoder_params, jax.jit(decoder.decode_chunk))
+    return _ENGINES[key]
 
 
 def roll_out(
@@ -197,22 +198,24 @@ def roll_out(
 
     if num_chunks < 1:
         raise ValueError(f"num_chunks={num_chunks}: must be >= 1")
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = [check_prompt(p, student.exp) for p in ([prompts] if isinstance(prompts, str) else prompts)]
     exp = dataclasses.replace(student.exp, stream=dataclasses.replace(student.exp.stream, batch_size=1))
-    table = jnp.asarray(prompt_table(exp, prompts, batch=1))
-    schedule = prompt_schedule(num_chunks, switches, len(prompts))
+    # the table holds every camera prompt (one shape, one compilation for any prompts); the
+    # schedule of requested prompts maps onto its rows
+    every = camera_prompts(exp)
+    table = jnp.asarray(prompt_table(exp, every, batch=1))  # [8, 1, T, D]
+    schedule = prompt_schedule(num_chunks, switches, len(prompts))  # [N] into `prompts`
+    rows = np.asarray([every.index(p) for p in prompts], np.int32)[schedule]  # [N] into the table
     streamer, decoder_params, decode_state = _engine(exp, student.dit.graphdef, instrument)
     decoder = streamer.decoder
     carry = streamer.init_carry(
         student.dit.params,
         table,
         jax.random.key(seed),
-        prompt_id=int(schedule[0]),
+        prompt_id=int(rows[0]),
         decoder_params=decoder_params,
     )
-    _, out = streamer.jit_rollout(
-        student.dit.params, carry, jnp.asarray(schedule), table, None, decoder_params
-    )
+    _, out = streamer.jit_rollout(student.dit.params, carry, jnp.asarray(rows), table, None, decoder_params)
     chunks = np.asarray(out.frames)[:, 0]  # [N, Tc, H, W, 3]
     per_chunk = chunks.shape[1]
     lead = decoder.lead_frames
@@ -460,6 +463,7 @@ class Comparison:
         for ax in axes[:2]:
             ax.axvline(self.horizon_chunks * per_chunk, color="grey", lw=0.8, ls=":")
             ax.set_xlabel("frame")
+        axes[0].set_ylim(*report.PROGRESSION_YLIM)  # untrained models leave it: clipped as in eval plots
         axes[2].axvline(self.horizon_chunks - 0.5, color="grey", lw=0.8, ls=":")
         axes[2].set_xlabel("chunk")
         axes[0].legend(fontsize=7)
@@ -500,6 +504,24 @@ def viewable(frames: np.ndarray, min_size: int = 128) -> np.ndarray:
     frames = np.asarray(frames)
     frames = frames if frames.dtype == np.uint8 else video_lib.to_uint8(frames)
     return video_lib.upscale(frames, min_size)
+
+
+def with_state(frames: np.ndarray, state: np.ndarray, gap: int = 2) -> np.ndarray:
+    """A chunk's frames [T, H, W, 3] with its decoded state [S, H, W, 3] beside them (video frame t
+    shows state frame t * S // T), `gap` dark columns between: the main job's "state beside the
+    video".  -> [T, H, 2W + gap, 3], uint8 if either input is, else float in [-1, 1]"""
+    frames, state = np.asarray(frames), np.asarray(state)
+    if frames.ndim != 4 or state.ndim != 4 or frames.shape[1:] != state.shape[1:] or not state.shape[0]:
+        raise ValueError(f"with_state: frames {frames.shape} and state {state.shape} must be [T|S, H, W, 3]")
+    if frames.dtype == np.uint8 or state.dtype == np.uint8:
+        frames, state = viewable(frames, 1), viewable(state, 1)
+        fill = np.asarray(report.STRIP_BACKGROUND, np.uint8)
+    else:
+        fill = np.asarray(report.STRIP_BACKGROUND, np.float32) / 127.5 - 1.0
+    t = frames.shape[0]
+    held = state[np.arange(t) * state.shape[0] // t]  # [T, H, W, 3]
+    sep = np.broadcast_to(fill, (t, frames.shape[1], gap, 3)).astype(frames.dtype)
+    return np.concatenate([frames, sep, held.astype(frames.dtype)], axis=2)
 
 
 def frame_strip(
@@ -565,5 +587,6 @@ __all__ = [
     "tiny_experiment",
     "viewable",
     "with_anchor",
+    "with_state",
     "write_frame_strip",
 ]

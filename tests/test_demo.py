@@ -133,3 +133,18 @@ def test_roll_out_decodes_frames_state_and_prompt_of_every_frame():
     np.testing.assert_array_equal(run.frame_prompt, np.repeat([0, 0, 1], exp.stream.chunk_frames))
     assert run.attention.shape == (3, 1, 3)
     np.testing.assert_allclose(run.attention.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_with_state_puts_each_chunks_state_beside_its_frames():
+    frames = np.full((3, 4, 5, 3), 0.5, np.float32)
+    state = np.stack([np.full((4, 5, 3), -0.5, np.float32)])
+    out = demo.with_state(frames, state, gap=2)
+    assert out.shape == (3, 4, 12, 3)
+    np.testing.assert_array_equal(out[:, :, :5], frames)
+    np.testing.assert_array_equal(out[:, :, 7:], np.repeat(state, 3, axis=0))
+    two = demo.with_state(
+        np.zeros((4, 4, 5, 3), np.uint8), np.stack([np.zeros((4, 5, 3)), np.ones((4, 5, 3))])
+    )
+    assert two.dtype == np.uint8 and (two[:2, :, 7:] == 128).all() and (two[2:, :, 7:] == 255).all()
+    with pytest.raises(ValueError, match="with_state"):
+        demo.with_state(frames, np.zeros((1, 4, 4, 3)))

@@ -50,9 +50,10 @@ def write_export(path: str, cfg, seed: int = 0, step: int = 7) -> str:
     return checkpoint_io.save_params(path, dit.params, config_lib.to_json(cfg), info=info)
 
 
-def make_tiny_models(root: str, workdir: str, names=shipped.NAMES) -> str:
-    """Ship `names` (teacher and the five policies) of one random configs/tiny.py DiT into `root`."""
-    export = write_export(os.path.join(workdir, "export"), tiny_config())
+def make_tiny_models(root: str, workdir: str, names=shipped.NAMES, **fields) -> str:
+    """Ship `names` (teacher and the five policies) of one random configs/tiny.py DiT (with
+    `fields` set, e.g. `**{"model.num_layers": 1}`) into `root`."""
+    export = write_export(os.path.join(workdir, "export"), tiny_config(**fields))
     for name in names:
         role = "teacher" if name == "teacher" else "student"
         plan = shipped.Plan(name, export, role=role, anchor="" if role == "teacher" else name, steps=7)
