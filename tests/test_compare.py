@@ -1,4 +1,5 @@
-"""launch/compare.py end to end: five policies in one labelled video with running scores."""
+"""launch/compare.py end to end: policies in one labelled video with running scores (two policies
+here to keep it fast; tests/test_notebook.py compares all five through the same `demo.compare`)."""
 
 import os
 import subprocess
@@ -6,8 +7,6 @@ import sys
 
 import imageio.v2 as imageio
 import numpy as np
-
-from adastate_jax.streaming.anchors import POLICIES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,11 +23,12 @@ def _run(*args, cwd):
     )
 
 
-def test_compare_random_writes_five_labelled_policies_with_scores(tmp_path):
+def test_compare_random_writes_labelled_policies_with_scores(tmp_path):
     r = _run(
         "--random",
         "--config=configs/tiny.py",
         "--config.model.num_layers=1",
+        "--policies=sink,adastate",
         "--num_chunks=2",
         "--prompt=Pan left medium",
         "--min_tile=64",
@@ -39,16 +39,14 @@ def test_compare_random_writes_five_labelled_policies_with_scores(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "untrained" in r.stdout
     rows = [line for line in r.stdout.splitlines() if line.startswith("random ")]
-    assert [row.split()[1] for row in rows] == list(POLICIES)  # one table row per policy, in order
+    assert [row.split()[1] for row in rows] == ["sink", "adastate"]  # one table row per policy, in order
     frames = np.stack(imageio.mimread(tmp_path / "cmp.gif"))
     assert frames.shape[0] == 2 * 3  # 2 chunks x 3 frames (PatchCodec: a frame per latent)
-    assert frames.shape[2] == 5 * 64 + 4 * 4  # five 64 px tiles, 4 px apart
+    assert frames.shape[2] == 2 * 64 + 4  # two 64 px tiles, 4 px apart
     assert (tmp_path / "cmp.mp4").stat().st_size > 1000 and (tmp_path / "cmp.png").stat().st_size > 1000
 
 
-def test_compare_refuses_bad_prompt_policy_and_missing_models(tmp_path):
-    r = _run("--random", "--prompt=zoom in", cwd=str(tmp_path))
-    assert r.returncode != 0 and "valid prompts: 'static'" in r.stderr
+def test_compare_refuses_bad_policy_and_missing_models(tmp_path):
     r = _run("--random", "--policies=window,sinc", cwd=str(tmp_path))
     assert r.returncode != 0 and "--policies=" in r.stderr
     r = _run(f"--root={tmp_path / 'none'}", "--num_chunks=1", cwd=str(tmp_path))
