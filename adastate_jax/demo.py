@@ -124,7 +124,7 @@ def load_student(anchor: str = "adastate", root: str | None = None, allow_random
     `allow_random`, a random `configs/tiny.py` model instead, with a warning."""
     if not shipped.available(root) and allow_random:
         warnings.warn(
-            f"no shipped models in {shipped.root(root)}: using an untrained random tiny model (noise)",
+            f"no shipped models in {shipped.root_dir(root)}: using an untrained random tiny model (noise)",
             stacklevel=2,
         )
         return random_students(tiny_experiment(), [anchor])[0]
@@ -139,7 +139,7 @@ def load_students(
     """The shipped student of every policy (or, with none shipped, random tiny ones)."""
     if not shipped.available(root) and allow_random:
         warnings.warn(
-            f"no shipped models in {shipped.root(root)}: using untrained random tiny models (noise)",
+            f"no shipped models in {shipped.root_dir(root)}: using untrained random tiny models (noise)",
             stacklevel=2,
         )
         return random_students(tiny_experiment(), policies)

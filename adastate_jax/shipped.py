@@ -74,31 +74,31 @@ class ShippedModelError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def root(path: str | None = None) -> str:
+def root_dir(path: str | None = None) -> str:
     """The shipped root: `path`, else `$ADASTATE_SHIPPED_DIR`, else the repository's checkpoints/panworld."""
     return os.path.abspath(path or os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
 
 
-def model_dir(name: str, root_: str | None = None) -> str:
-    return os.path.join(root(root_), name)
+def model_dir(name: str, root: str | None = None) -> str:
+    return os.path.join(root_dir(root), name)
 
 
-def available(root_: str | None = None) -> list[str]:
+def available(root: str | None = None) -> list[str]:
     """Names of the models under the shipped root (directories with a manifest), sorted; [] if none."""
-    base = root(root_)
+    base = root_dir(root)
     if not os.path.isdir(base):
         return []
     return sorted(n for n in os.listdir(base) if os.path.isfile(os.path.join(base, n, MANIFEST)))
 
 
-def read_manifest(name: str, root_: str | None = None) -> dict:
+def read_manifest(name: str, root: str | None = None) -> dict:
     """The manifest of model `name` (errors name the missing model or the unreadable file)."""
-    directory = model_dir(name, root_)
+    directory = model_dir(name, root)
     path = os.path.join(directory, MANIFEST)
     if not os.path.isdir(directory):
-        have = available(root_)
+        have = available(root)
         raise ShippedModelError(
-            f"no shipped model {name!r} in {root(root_)} (available: {', '.join(have) or 'none'}; "
+            f"no shipped model {name!r} in {root_dir(root)} (available: {', '.join(have) or 'none'}; "
             "refresh them with `python launch/ship_models.py --from=RUN_DIR`)"
         )
     if not os.path.isfile(path):
@@ -120,21 +120,21 @@ def read_manifest(name: str, root_: str | None = None) -> dict:
     return manifest
 
 
-def manifests(root_: str | None = None) -> dict[str, dict]:
+def manifests(root: str | None = None) -> dict[str, dict]:
     """{name: manifest} of every available model."""
-    return {n: read_manifest(n, root_) for n in available(root_)}
+    return {n: read_manifest(n, root) for n in available(root)}
 
 
-def default_for(anchor: str = "adastate", root_: str | None = None) -> str:
+def default_for(anchor: str = "adastate", root: str | None = None) -> str:
     """The name of the student shipped for anchor policy `anchor` (the one named after the policy
     when there are several)."""
     if anchor not in POLICIES:
         raise ValueError(f"anchor {anchor!r} is not one of {POLICIES}")
-    found = [n for n, m in manifests(root_).items() if m["role"] == "student" and m["anchor"] == anchor]
+    found = [n for n, m in manifests(root).items() if m["role"] == "student" and m["anchor"] == anchor]
     if not found:
         raise ShippedModelError(
-            f"no shipped student for anchor {anchor!r} in {root(root_)} "
-            f"(available: {', '.join(available(root_)) or 'none'})"
+            f"no shipped student for anchor {anchor!r} in {root_dir(root)} "
+            f"(available: {', '.join(available(root)) or 'none'})"
         )
     return anchor if anchor in found else found[0]
 
@@ -145,12 +145,12 @@ def _fmt_stat(stat) -> str:
     return f"{stat['mean']:.2f}"
 
 
-def describe(root_: str | None = None) -> str:
+def describe(root: str | None = None) -> str:
     """A table of the shipped models: role, anchor, steps, stored dtype, and progression / anchor
     pull / return-to-start at the shortest and longest evaluated horizon (from their manifests)."""
-    found = manifests(root_)
+    found = manifests(root)
     if not found:
-        return f"no shipped models in {root(root_)}"
+        return f"no shipped models in {root_dir(root)}"
     head = f"{'name':<9} {'role':<8} {'anchor':<9} {'steps':>6} {'dtype':<9}"
     lines = [f"{head} evaluation (progression / pull / return)"]
     for name, m in found.items():
@@ -192,11 +192,11 @@ def file_table(directory: str) -> dict[str, dict]:
     return dict(sorted(table.items()))
 
 
-def verify_files(name: str, root_: str | None = None, manifest: Mapping | None = None) -> None:
+def verify_files(name: str, root: str | None = None, manifest: Mapping | None = None) -> None:
     """Check every file the manifest lists: present, same size and sha256. Raises a
     `ShippedModelError` naming each missing or changed file (all of them)."""
-    manifest = manifest or read_manifest(name, root_)
-    directory = model_dir(name, root_)
+    manifest = manifest or read_manifest(name, root)
+    directory = model_dir(name, root)
     problems = []
     for rel, want in manifest["files"].items():
         path = os.path.join(directory, *rel.split("/"))
@@ -219,13 +219,13 @@ def verify_files(name: str, root_: str | None = None, manifest: Mapping | None =
 
 
 def load(
-    name: str, root_: str | None = None, *, mesh_: jax.sharding.Mesh | None = None
+    name: str, root: str | None = None, *, mesh_: jax.sharding.Mesh | None = None
 ) -> tuple[Experiment, build.DiT]:
     """Shipped model `name` -> (its Experiment, its DiT), every file and the params hash verified."""
-    manifest = read_manifest(name, root_)
-    verify_files(name, root_, manifest)
+    manifest = read_manifest(name, root)
+    verify_files(name, root, manifest)
     exp = experiment(manifest)
-    directory = model_dir(name, root_)
+    directory = model_dir(name, root)
     try:
         dit = build.dit(exp, directory, mesh_=mesh_)
     except Exception as e:  # a file that hashes right but does not load: the manifest is wrong
@@ -241,9 +241,9 @@ def load(
     return exp, dit
 
 
-def total_bytes(root_: str | None = None) -> int:
+def total_bytes(root: str | None = None) -> int:
     """Bytes of every file of every shipped model."""
-    base = root(root_)
+    base = root_dir(root)
     return (
         sum(os.path.getsize(os.path.join(p, n)) for p, _, ns in os.walk(base) for n in ns)
         if os.path.isdir(base)
@@ -317,14 +317,14 @@ def shipped_config(params_dir: str, plan: Plan, base: str | None = None) -> tupl
     return json.loads(text), exp
 
 
-def ship(plan: Plan, root_: str | None = None, *, dtype: str = "float32", base: str | None = None) -> dict:
+def ship(plan: Plan, root: str | None = None, *, dtype: str = "float32", base: str | None = None) -> dict:
     """Copy `plan.params_dir` into the shipped root as `plan.name` (params cast to `dtype`), with
     its manifest. Atomic: built in a hidden sibling, then renamed over any old model. -> manifest"""
     if plan.role not in ROLES:
         raise ValueError(f"role {plan.role!r} not in {ROLES}")
     config_json, exp = shipped_config(plan.params_dir, plan, base)
     dit = build.dit(exp, plan.params_dir, allow_random=False)
-    dest = model_dir(plan.name, root_)
+    dest = model_dir(plan.name, root)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     tmp = files.sibling(dest, "shipping")
     if os.path.exists(tmp):
@@ -595,7 +595,7 @@ __all__ = [
     "model_dir",
     "plan_from_run",
     "read_manifest",
-    "root",
+    "root_dir",
     "ship",
     "total_bytes",
     "training_command",

@@ -64,7 +64,7 @@ def main(argv):
             raise app.UsageError(f"--only: {unknown} not planned (planned: {[p.name for p in plans]})")
         plans = [p for p in plans if p.name in FLAGS.only]
     dtype = shipped.choose_dtype(plans, FLAGS.max_total_mb, FLAGS.dtype)
-    root = shipped.root(FLAGS.root or None)
+    root = shipped.root_dir(FLAGS.root or None)
     for p in plans:
         where = (
             f"arm {p.source.get('arm')} train_seed {p.source.get('train_seed')}"
