@@ -1,9 +1,17 @@
 r"""Stream a video chunk by chunk with any anchor policy, writing it as it is made.
 
-  python launch/rollout.py --config=configs/tiny.py --num_chunks=8 --out=outputs/demo.mp4
-  python launch/rollout.py --config=configs/tiny.py:sink,absolute --num_chunks=40 \
+  python launch/rollout.py                     # the shipped AdaState student, 'pan right fast', 6x horizon
+  python launch/rollout.py --anchor=sink --prompt="pan left slow"   # the shipped sink student
+  python launch/rollout.py --random --config=configs/tiny.py:sink,absolute --num_chunks=40 \
       --prompt="pan right fast" --prompt="pan left slow" --prompt_schedule="0:0,20:1" --instrument
   python launch/rollout.py --num_chunks=0      # streams until Ctrl-C / SIGTERM
+
+Models: by default the student shipped for `--anchor` (default adastate) in `checkpoints/panworld/`
+(hash-verified; `--model=NAME` picks another shipped model, e.g. `teacher`); a shipped model brings
+its own config. `--checkpoint=DIR` streams params of `--config`'s model from a directory;
+`--random` streams a randomly initialised model of `--config` (an untrained model: noise). With a
+PanWorld model the decoded camera position and progression are printed at the end (and stored in
+the summary JSON).
 
 Files (beside `--out`): the video (.mp4 or .gif) and with `--show_state` `<base>_state.mp4` grow chunk
 by chunk (a fragmented mp4 that plays even after a hard kill, remuxed to a plain one on a clean
@@ -18,7 +26,7 @@ device holds the carry plus two segments of outputs, the host one segment. K=1 g
 own latency and the smallest memory; a larger K amortises the per-call dispatch (faster for tiny
 models) but makes latency a per-segment average and a stop waits for the segment in flight.
 
-Without `--checkpoint` the DiT is randomly initialised (a warning says so). Text: `config.text.kind`
+Text: `config.text.kind`
 'words' embeds PanWorld-vocabulary prompts with the tiny word encoder; 'embeddings' reads a prompt
 table from `config.text.embeddings_path` (`--prompt` then names row indices); 'umt5' needs
 `--text_checkpoint` and `config.text.tokenizer_path`. Pixels: `config.vae.kind` 'patch' / 'wan'
@@ -41,7 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from adastate_jax import build  # noqa: E402
+from adastate_jax import build, demo, shipped  # noqa: E402
 from adastate_jax import config as config_lib  # noqa: E402
 from adastate_jax import sharding as shd  # noqa: E402
 from adastate_jax.config import cli  # noqa: E402
@@ -51,9 +59,13 @@ from adastate_jax.streaming.cache import carry_shardings  # noqa: E402
 from adastate_jax.streaming.recorder import PromptSchedule, rollout_files, write_rollout  # noqa: E402
 
 _CONFIG = cli.define("configs/tiny.py")
-flags.DEFINE_string("checkpoint", "", "Directory of converted/trained DiT params (launch/convert.py --out).")
+flags.DEFINE_string("checkpoint", "", "Directory of converted/trained DiT params of --config's model.")
+flags.DEFINE_bool("random", False, "A randomly initialised DiT of --config (untrained: noise).")
+flags.DEFINE_string("model", "", "Shipped model name (default: the shipped student of --anchor).")
 flags.DEFINE_enum("anchor", None, list(anchors.POLICIES), "Anchor policy (overrides config.stream.anchor).")
-flags.DEFINE_integer("num_chunks", 8, "Chunks to generate; 0 streams until interrupted (Ctrl-C / SIGTERM).")
+flags.DEFINE_integer(
+    "num_chunks", 42, "Chunks to generate (42: 6x the 21-frame training horizon); 0: until interrupted."
+)
 flags.DEFINE_integer(
     "segment_chunks", 1, "Chunks per compiled scan: 1 = per-chunk latency; larger amortises dispatch."
 )
@@ -66,17 +78,36 @@ flags.DEFINE_string(
 flags.DEFINE_bool(
     "instrument", False, "Record the attention share of anchor/window/current per chunk and layer."
 )
-flags.DEFINE_bool("show_state", False, "adastate: also write the decoded state latent as <base>_state.mp4.")
+flags.DEFINE_bool("show_state", True, "adastate: also write the decoded state latent as <base>_state.mp4.")
 flags.DEFINE_string("vae_checkpoint", "", "Wan VAE weights (torch) when config.vae.kind='wan'.")
 flags.DEFINE_string("text_checkpoint", "", "UMT5 encoder weights when config.text.kind='umt5'.")
 flags.DEFINE_float("fps", 16.0, "Frames per second of the written video.")
 flags.DEFINE_integer("min_size", 256, "Upscale tiny frames (nearest) so the short side is at least this.")
 
 
+def _model_choice():
+    """(shipped model name or None, cfg, exp): the shipped student of --anchor unless --random /
+    --checkpoint (then --config's model); with nothing shipped, a random model with a warning."""
+    if FLAGS.random or FLAGS.checkpoint:
+        overrides = {"stream.anchor": FLAGS.anchor} if FLAGS.anchor else {}
+        return None, *cli.experiment(_CONFIG, **overrides)  # errors name config.<field>
+    if any(a.startswith("--config") for a in sys.argv[1:]):
+        raise ValueError("--config applies to --random / --checkpoint; a shipped model brings its own config")
+    if not shipped.available():
+        print(
+            f"WARNING: no shipped models in {shipped.root_dir()}: streaming an untrained random model "
+            "of configs/tiny.py (noise); see README 'Try it' (python launch/ship_models.py)"
+        )
+        FLAGS.random = True
+        return _model_choice()
+    name = FLAGS.model or shipped.default_for(FLAGS.anchor or "adastate")
+    manifest = shipped.read_manifest(name)
+    return name, config_lib.from_json(json.dumps(manifest["config"])), shipped.experiment(manifest)
+
+
 def main(argv):
     del argv
-    overrides = {"stream.anchor": FLAGS.anchor} if FLAGS.anchor else {}
-    cfg, exp = cli.experiment(_CONFIG, **overrides)  # errors name config.<field>
+    name, cfg, exp = _model_choice()
     seed = exp.seed if FLAGS.seed is None else FLAGS.seed
     # --- everything that can be checked before the work ------------------------------------
     if FLAGS.num_chunks < 0:
@@ -87,7 +118,8 @@ def main(argv):
     if FLAGS.show_state and not show_state:
         print(f"note: --show_state ignored: policy {exp.stream.anchor!r} has no state")
     files = rollout_files(FLAGS.out, show_state)
-    prompts = list(FLAGS.prompt)
+    words = exp.text.kind == "words"
+    prompts = [demo.check_prompt(p, exp) for p in FLAGS.prompt] if words else list(FLAGS.prompt)
     schedule = PromptSchedule.parse(FLAGS.prompt_schedule, len(prompts), FLAGS.num_chunks)
 
     # --- model, text, decoder, carry ---------------------------------------------------------
@@ -98,7 +130,10 @@ def main(argv):
         config_lib.check_batch(
             exp, config_lib.mesh_sizes(exp, mesh), exp.stream.batch_size, "stream.batch_size"
         )
-    dit = build.dit(exp, FLAGS.checkpoint, mesh_=mesh, seed=seed)
+    if name is not None:
+        exp, dit = shipped.load(name, mesh_=mesh)
+    else:
+        dit = build.dit(exp, FLAGS.checkpoint, mesh_=mesh, seed=seed)
     print(f"DiT params: {dit.source}")
     params = dit.params
     print(f"DiT: {wan.param_count(params) / 1e6:.2f}M params; layout {anchors.describe_layout(exp.stream)}")
@@ -132,6 +167,7 @@ def main(argv):
         device=str(jax.devices()[0]),
     )
     writers.write_json_atomic(files.summary, summary)
+    tracker = demo.CameraTracker(exp=exp) if words and decoder is not None else None
     total = FLAGS.num_chunks or None
     bar = tqdm(total=total, unit="chunk", desc=f"{exp.stream.anchor} rollout")
 
@@ -156,12 +192,15 @@ def main(argv):
                 min_size=FLAGS.min_size,
                 stop=stop,
                 on_chunk=progress,
+                on_frames=None if tracker is None else (lambda c, f: tracker.add(f, prompts[schedule.at(c)])),
             )
         except BaseException as e:  # the summary still says what happened, then the error propagates
             error = f"{type(e).__name__}: {e}"
             raise
         finally:
             bar.close()
+            if tracker is not None and tracker.frames:
+                summary["camera"] = tracker.summary()
             _finish(summary, files, result, stop.signal_name, error)
     lat = result["latency"]
     rate = f"{1 / lat['mean']:.3g} chunks/s after the first segment" if lat["count"] else "one segment"
@@ -170,6 +209,8 @@ def main(argv):
         f"{files.records} and {files.summary}; {rate} ({result['first_segment_s']:.2f}s incl. compile)"
         + (f"; stopped by {stop.signal_name}" if stop.signal_name else "")
     )
+    if tracker is not None and tracker.frames:
+        print(tracker.text())
 
 
 def _finish(summary: dict, files, result: dict | None, signal_name: str | None, error: str | None) -> None:

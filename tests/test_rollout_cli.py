@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("imageio_ffmpeg")
 # the same program (flags, prompt table, --segment_chunks) in every run below: the persistent
 # compilation cache (JAX_COMPILATION_CACHE_DIR, set by conftest.py) compiles it once
-COMMON = ["--instrument", "--show_state", "--prompt=pan right fast", "--prompt=pan left slow"]
+COMMON = ["--random", "--instrument", "--show_state", "--prompt=pan right fast", "--prompt=pan left slow"]
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +144,29 @@ def test_umt5_prompts_with_a_local_tokenizer_and_the_prompt_cache(tmp_path):
     assert table.shape == (1, exp.stream.batch_size, exp.model.text_len, exp.model.text_dim)
     assert np.all(np.isfinite(table)) and np.abs(table).max() > 0
     assert any((tmp_path / "cache").iterdir())  # the encoded prompt was cached on disk
+
+
+def test_the_default_streams_the_shipped_adastate_student_and_prints_its_camera(tmp_path, env):
+    """No model flag: the student shipped for the anchor (here tiny models shipped into a tmp root
+    named by ADASTATE_SHIPPED_DIR), its config, the decoded camera position and progression printed
+    and kept in the summary; `--config` with a shipped model is refused before any work."""
+    from tests.test_shipped import make_tiny_models
+
+    root = make_tiny_models(str(tmp_path / "shipped"), str(tmp_path / "work"), names=("adastate",))
+    env = dict(env, ADASTATE_SHIPPED_DIR=root)
+    out = tmp_path / "shipped.mp4"
+    script = os.path.join(REPO, "launch", "rollout.py")
+    r = subprocess.run(
+        [sys.executable, script, "--num_chunks=3", f"--out={out}", "--prompt=pan right fast"],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "randomly initialised" not in r.stdout + r.stderr
+    assert "progression" in r.stdout and _frames(str(out)) == 9
+    summary = json.loads((tmp_path / "shipped.json").read_text())
+    assert summary["checkpoint"].endswith("adastate") and summary["camera"]["frames"] == 9
+    bad = subprocess.run(
+        [sys.executable, script, "--config=configs/tiny.py", f"--out={out}"],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "a shipped model brings its own config" in bad.stderr

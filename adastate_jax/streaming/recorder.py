@@ -208,11 +208,13 @@ def write_rollout(
     batch_index: int = 0,
     stop=None,
     on_chunk: Callable[[int, float], None] | None = None,
+    on_frames: Callable[[int, np.ndarray], None] | None = None,
 ) -> dict:
     """Roll `streamer` out over `schedule` in segments of `segment_chunks` and write every chunk as
     it arrives (see the module docstring). `stop`: anything whose truth means "stop after this
     segment" (e.g. `writers.GracefulStop`). `on_chunk(chunk, latency_s)` is called per chunk
-    written (a progress bar). Every file is finalised on return, on a stop and on an exception.
+    written (a progress bar); `on_frames(chunk, frames [T, H, W, 3])` gets each chunk's decoded
+    pixels as they are written (lead frames dropped; only with a decoder), e.g. a camera tracker. Every file is finalised on return, on a stop and on an exception.
 
     Returns {num_chunks, video_frames, state_frames, first_segment_s, latency (chunks after the
     first segment: `RunningStats.as_dict`), elapsed_s}."""
@@ -253,7 +255,10 @@ def write_rollout(
                 state_pv = video.latent_value_range(outs.state[0, batch_index])
             for i in range(n):
                 chunk = seg.start + i
-                vw.write(chunk_video(outs, i, batch_index, preview))
+                frames = chunk_video(outs, i, batch_index, preview)
+                vw.write(frames)
+                if on_frames is not None and outs.frames is not None:
+                    on_frames(chunk, frames[lead:] if chunk == 0 else frames)
                 if sw is not None:
                     state = outs.state[i, batch_index]  # [F_s, h, w, C]
                     sw.write(state_decode(state) if state_decode else video.latents_to_rgb(state, state_pv))
