@@ -2,7 +2,8 @@
 
 Owns: `StreamConfig` (the `config.stream` section) and, for every policy, how many anchor and
 window slots the buffer has, which temporal index each slot and each frame of the current call
-shows the model (absolute or relative time), and where a finished chunk is committed.
+shows the model (absolute or relative time), where a finished chunk is committed, and the
+training layouts derived from that bookkeeping (below).
 
 | policy     | anchor slots          | window slots   | commit                                              |
 |------------|-----------------------|----------------|-----------------------------------------------------|
@@ -46,6 +47,17 @@ as LongLive's next chunk evicts them. The carry keeps the clean latents of the l
 frames for this (`Carry.history`, a ring by frame index). Temporal index of the re-run frames:
 their global index (absolute), or the slot formula A + W - (S - g) extended past the window
 (relative; LongLive has no relative layout).
+
+Training layouts (the one description of the context): `context_schedule(sc, N)` replays this
+bookkeeping (`slot_positions`, `query_positions`, `commit`) on the host over N chunks and says, per
+chunk, which frame (or state, or blend) each slot holds, its validity and temporal index, and the
+query indices; `clip_layout(sc, F, context)` turns that into the frame mask and temporal positions
+of one parallel training pass over a clip (teacher forcing: [clean; noisy]; diffusion forcing: one
+copy), with per-query key positions where no single assignment reproduces the streamed offsets
+(a sink at relative time). It refuses, naming config.stream.anchor, what a pass cannot express:
+the `adastate` state slot (the model's own output, no clean target) and an `ema_sink` merge (a
+blend of keys/values); and a frame visible twice (`sink_refresh_every`). `clip_policy` is the
+absolute-time policy (full / window / sink) a clip-trained teacher attends with.
 
 Must not know: the model internals, sampler or optimisers.
 """
@@ -573,9 +585,11 @@ def _canonical(layout: ClipAttention) -> ClipAttention:
     shift = layout.positions - frame  # per query
     q, k = np.nonzero(layout.mask)
     if np.array_equal(layout.key_positions[q, k] - frame[k], shift[q]):
-        return dataclasses.replace(layout, positions=frame.astype(np.int32), key_positions=None)
-    return dataclasses.replace(
-        layout,
-        positions=layout.positions.astype(np.int32),
-        key_positions=np.where(layout.mask, layout.key_positions, 0).astype(np.int32),
-    )
+        positions, key_positions = frame.astype(np.int32), None
+    else:
+        positions = layout.positions.astype(np.int32)
+        key_positions = np.where(layout.mask, layout.key_positions, 0).astype(np.int32)
+    for a in (layout.mask, positions, key_positions):  # shared by the lru_cache: read-only
+        if a is not None:
+            a.setflags(write=False)
+    return dataclasses.replace(layout, positions=positions, key_positions=key_positions)

@@ -34,6 +34,31 @@ Gradient through the cache: `adastate` keeps the carry's K/V, latents and state 
 `truncation_chunks` chunks (stop_gradient every K chunks); the other policies detach the cache
 after every chunk (Self-Forcing's behaviour). The prompt's cross-attention K/V are never cut.
 
+How the adaptive state learns (switches; the study measures them, method.md):
+  (a) through the chunks that read it: `config.train.truncation_chunks` K (int >= 1, default 2):
+      chunk c + 1's loss reaches the state chunk c committed iff (c + 1) % K != 0;
+  (b) a direct signal on every chunk's clean state, `config.train.state_loss` (default 'none')
+      times `config.train.state_loss_weight` (float >= 0, default 1), adastate only:
+        'none'     nothing besides (a);
+        'regress'  mean squared distance of each state frame to the mean of its chunk's content
+                   frames, stop-gradient: the content the state was denoised with and summarises
+                   (the mean is the least-squares one-frame summary; the stop-gradient keeps the
+                   content from being pulled toward the state);
+        'dmd'      DMD on the state as F_s frames at the temporal index of the state slot the next
+                   chunk reads it at (`anchors.context_schedule`; 0 in both time layouts), with no
+                   context (it is the oldest entry the next chunk sees, so a causal teacher gives
+                   it none): real score = teacher with CFG, fake = critic, which then also fits
+                   the detached states by flow matching (the fake score must model the states'
+                   distribution, not only the content's);
+  (c) the start: `config.train.init_from` a trained `window` student's export (the paper's path;
+      same params, the state slot is only a layout) or an ODE init; `config.train.init_policy`
+      checks the export's policy and the export's info.json records the chain and its steps
+      (`training/loop.py`).
+The teacher's and the critic's scoring layout is the teacher's own policy (`flow_matching.
+teacher_layout`: `teacher_attention` with `tf_window` / `tf_sink`), derived by
+`anchors.clip_layout` like every training layout; the student always streams through
+`Streamer.step` (every policy, adastate's state slot and ema_sink's merge included).
+
 Must not know: data pipelines, files, meshes.
 """
 
@@ -143,9 +168,12 @@ class SelfForcingDMD(SingleModelObjective):
             )
         # where the state sits for the chunk that reads it: the state slot's temporal indices
         # at chunk 1 (the same at every chunk), from the policy's own bookkeeping
-        self.state_positions = np.asarray(
-            anchors.context_schedule(exp.stream, 2)[1].slot_pos[: exp.stream.query_state_frames], np.int32
-        )
+        fs = exp.stream.query_state_frames
+        self.state_positions = np.zeros((0,), np.int32)
+        if fs:
+            self.state_positions = np.asarray(
+                anchors.context_schedule(exp.stream, 2)[1].slot_pos[:fs], np.int32
+            )
         base = exp.sampler
         self.num_exits = len(base.denoising_steps)
         self.streamer = Streamer(  # refresh_noise='add': the cache refresh of Self-Forcing's training

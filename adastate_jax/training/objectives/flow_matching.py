@@ -1,8 +1,10 @@
 """Flow-matching objective: teacher / base training of the Wan DiT on clips.
 
 Owns: the flow-matching loss on a clip of latents (x_t = (1 - s) x0 + s eps, target v = eps - x0,
-shifted training timesteps), the attention layouts it trains under, and the single-model train
-step shared with `ode_init` (grad, clip, AdamW, EMA, non-finite guard).
+shifted training timesteps), `ClipLayout` (which pass a clip runs and under which streaming
+policy; `teacher_layout`, the teacher's, shared with the ODE / DMD teacher and critic) and
+`clip_forward`, and the single-model train step shared with `ode_init` (grad, clip, AdamW, EMA,
+non-finite guard).
 
 Layouts (`config.train.attention`):
   bidirectional      every frame sees every frame, one timestep per clip (Wan's base training);
