@@ -159,7 +159,7 @@ class SelfForcingDMD(SingleModelObjective):
         self.layout = fm.teacher_layout(exp, tc.teacher_attention)
         self.t_sampling = tc.t_sampling
         self.stream_cfg = exp.stream
-        self.state_loss_kind = tc.state_loss if exp.stream.query_state_frames else "none"
+        self.state_loss_kind = tc.state_loss  # none | dmd | regress (the module docstring)
         self.state_loss_weight = tc.state_loss_weight
         if tc.state_loss != "none" and not exp.stream.query_state_frames:
             raise ValueError(
