@@ -74,6 +74,10 @@ def get_config(arg=None):
         tc.init_from = "outputs/panworld_teacher/export"
     elif stage == "ode":
         tc.objective = "ode_init"
+        # the ODE-init student is a `window` student (an `ode,<anchor>` variant picks another):
+        # ODE init refuses `adastate` (its state has no clean target; the adastate DMD starts from
+        # this export) and `ema_sink` over clips that evict a frame (training/objectives/ode_init.py)
+        config.stream.anchor = "window"
         tc.steps, tc.lr = 200, 5e-4
         tc.init_from = tc.teacher_path = teacher
         if stored:  # no teacher in the step: the trajectories were generated once (ode_init docstring)

@@ -37,7 +37,7 @@ from adastate_jax.dataclass_config import closest, coerce
 from adastate_jax.models.umt5 import UMT5Config
 from adastate_jax.models.vae import PatchCodecConfig, WanVAEConfig
 from adastate_jax.models.wan import WanConfig
-from adastate_jax.streaming.anchors import StreamConfig
+from adastate_jax.streaming.anchors import POLICIES, StreamConfig
 from adastate_jax.streaming.sampler import SamplerConfig
 
 
@@ -100,6 +100,7 @@ SCHEDULES = ("constant", "cosine")
 ATTENTION_LAYOUTS = ("bidirectional", "diffusion_forcing", "teacher_forcing")
 T_SAMPLING = ("clip", "chunk", "frame")
 CRITIC_INITS = ("teacher", "random")
+STATE_LOSSES = ("none", "dmd", "regress")
 RECON_LOSSES = ("mse", "l1_mse")
 
 
@@ -127,6 +128,9 @@ class _CommonTrain:
     bad_batches: str = "stop"  # a non-finite step: stop (save, exit 3) | skip (log the batch, go on)
     inject_nan_at: int = -1  # testing hook: make the batch of this step non-finite
     init_from: str = ""  # params dir (a previous stage's WORKDIR/export) to start from
+    # the anchor policy of the student in init_from ('' : not stated; else checked against its
+    # config.json and recorded in this run's export info.json with its steps, see training/loop.py)
+    init_policy: str = ""
     teacher_path: str = ""  # ode / dmd: the teacher's params dir
 
     def _check_common(self):
@@ -144,14 +148,24 @@ class _CommonTrain:
             raise _bad("train.ema", f"must be in [0, 1), got {self.ema}")
         if self.lr < 0:
             raise _bad("train.lr", f"must be >= 0, got {self.lr}")
+        if self.init_policy:
+            _choice("train.init_policy", self.init_policy, POLICIES)
+            if not self.init_from:
+                raise _bad(
+                    "train.init_policy", f"{self.init_policy!r} is set but config.train.init_from is empty"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
 class _FlowMatchingTrain:
     attention: str = "diffusion_forcing"  # bidirectional | diffusion_forcing | teacher_forcing
     t_sampling: str = "chunk"  # clip | chunk | frame (also the DMD critic's)
-    tf_window: int = -1  # teacher forcing: clean frames visible before a chunk (-1: all)
-    tf_sink: int = 0  # teacher forcing: first frames always visible
+    # the clip policy of the causal layouts (teacher / diffusion forcing, the ODE / DMD teacher's
+    # and critic's scores): frames visible before a chunk (-1: all, policy `full`; else `window`,
+    # >= stream.chunk_frames) and first frames always visible with a window (policy `sink`);
+    # absolute time (`streaming.anchors.clip_policy`)
+    tf_window: int = -1
+    tf_sink: int = 0
 
     def _check_flow_matching(self):
         _choice("train.attention", self.attention, ATTENTION_LAYOUTS)
@@ -185,9 +199,20 @@ class _DMDTrain:
     remat_chunks: bool = True  # jax.checkpoint per chunk of the rollout
     critic_path: str = ""  # params dir of the critic ('' : see critic_init)
     critic_init: str = "teacher"  # teacher | random (used when critic_path is '')
+    # how the adaptive state learns besides the chunks that read it (truncation_chunks): a direct
+    # signal on every chunk's clean state (adastate only; training/objectives/dmd.py): none | dmd
+    # (scored by teacher vs critic as frames at the state slot's temporal index) | regress (toward
+    # the mean of its chunk's content, stop-gradient)
+    state_loss: str = "none"
+    state_loss_weight: float = 1.0  # weight of the state term in the generator loss
 
     def _check_dmd(self):
         _choice("train.critic_init", self.critic_init, CRITIC_INITS)
+        _choice("train.state_loss", self.state_loss, STATE_LOSSES)
+        if not (self.state_loss_weight >= 0 and math.isfinite(self.state_loss_weight)):
+            raise _bad(
+                "train.state_loss_weight", f"must be a finite number >= 0, got {self.state_loss_weight}"
+            )
         if self.critic_steps < 1:
             raise _bad("train.critic_steps", f"must be >= 1, got {self.critic_steps}")
         if self.truncation_chunks < 1:
@@ -411,6 +436,14 @@ def check_consistency(exp: Experiment) -> None:
     ):
         if v % p:
             raise _bad(field, f"{v} is not divisible by the patch size {p} (config.model.patch_size)")
+    tc = exp.train
+    if tc is not None and tc.objective == "self_forcing_dmd" and tc.state_loss != "none":
+        if exp.stream.anchor != "adastate":
+            raise _bad(
+                "train.state_loss",
+                f"{tc.state_loss!r} is a signal on the adaptive state; config.stream.anchor="
+                f"{exp.stream.anchor!r} has none (use 'none', or anchor 'adastate')",
+            )
     if exp.data is not None:
         frames = exp.data.clip_frames
         chunk = exp.stream.chunk_frames

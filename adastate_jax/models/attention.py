@@ -6,7 +6,10 @@ windowed with sinks, teacher forcing), and the attention call with an implementa
 
 Also owns the static block-sparse plan of a frame mask: training masks are known at trace time
 (numpy) and block-structured, so instead of a [T, K] token mask the attention runs, per group of
-query frames with identical mask rows, unmasked over the key frames that group may see.
+query frames with identical mask rows, unmasked over the key frames that group may see. A plan may
+also carry per-group key positions (`plan_frame_mask(mask, key_positions)`): when the temporal
+index a key frame shows depends on the query (a streaming layout replayed in one training pass,
+e.g. a sink at relative time), the keys are gathered un-roped and each group rotates its own.
 
 Also owns the TPU path: `splash_attention` runs JAX's Pallas splash-attention kernel with the static
 frame mask as a lazily evaluated token mask (never a [T, K] array), traced key validity as segment
@@ -257,6 +260,9 @@ class AttentionGroup:
 
     q_ranges: Ranges
     k_ranges: Ranges
+    # temporal index of each gathered key frame (in k_ranges order) for this group's queries, when
+    # the plan has query-dependent key positions; None: the keys carry their own (already roped)
+    k_pos: tuple[int, ...] | None = None
 
     @property
     def q_frames(self) -> int:
@@ -289,18 +295,28 @@ class BlockPlan:
         return m
 
     @property
+    def key_positions(self) -> bool:
+        """Whether the groups rotate their keys themselves (query-dependent key positions)."""
+        return any(g.k_pos is not None for g in self.groups)
+
+    @property
     def density(self) -> float:
         """Share of the (query frame, key frame) pairs computed: the cost relative to dense."""
         pairs = sum(g.q_frames * g.k_frames for g in self.groups)
         return pairs / float(self.q_frames * self.k_frames)
 
 
-def plan_frame_mask(frame_mask) -> BlockPlan:
+def plan_frame_mask(frame_mask, key_positions=None) -> BlockPlan:
     """Analyse a static boolean frame mask [Fq, Fk] (True = may attend) into a BlockPlan.
 
     Query frames with identical rows form one group (ordered by first appearance); each group's
     allowed key frames become contiguous ranges. Raises ValueError when a query frame may attend
     to no key (softmax over an empty set: not something the dense path computes meaningfully).
+
+    key_positions: optional static int [Fq, Fk], the temporal index of key frame k as seen from
+    query frame q (read where the mask is True). Query frames are then grouped by identical mask
+    rows *and* identical visible key positions, and each group records its keys' positions
+    (`AttentionGroup.k_pos`) for `block_attention(..., key_rope=...)`.
     """
     m = np.asarray(frame_mask)
     if m.ndim != 2:
@@ -312,11 +328,25 @@ def plan_frame_mask(frame_mask) -> BlockPlan:
             f"frame mask: query frame(s) {empty.tolist()} may attend to no key frame; a block plan "
             "(and softmax attention) needs at least one visible key per query"
         )
+    kp = None
+    if key_positions is not None:
+        kp = np.asarray(key_positions)
+        if kp.shape != m.shape or not np.issubdtype(kp.dtype, np.integer):
+            raise ValueError(
+                f"key_positions must be an int array of the mask's shape {m.shape}, got {kp.dtype} {kp.shape}"
+            )
+        kp = np.where(m, kp, 0).astype(np.int64)
     rows: dict[bytes, list[int]] = {}
     for i in range(m.shape[0]):
-        rows.setdefault(m[i].tobytes(), []).append(i)
+        sig = m[i].tobytes() + (b"" if kp is None else kp[i].tobytes())
+        rows.setdefault(sig, []).append(i)
     groups = tuple(
-        AttentionGroup(_runs(np.asarray(q)), _runs(np.flatnonzero(m[q[0]]))) for q in rows.values()
+        AttentionGroup(
+            _runs(np.asarray(q)),
+            _runs(np.flatnonzero(m[q[0]])),
+            None if kp is None else tuple(int(x) for x in kp[q[0]][m[q[0]]]),
+        )
+        for q in rows.values()
     )
     return BlockPlan(int(m.shape[0]), int(m.shape[1]), groups)
 
@@ -336,10 +366,13 @@ def block_attention(
     k_tokens_per_frame: int,
     implementation: str = "xla",
     constrain: Callable[[jax.Array], jax.Array] | None = None,
+    key_rope: tuple[tuple[jax.Array, jax.Array], ...] | None = None,
 ) -> jax.Array:
     """Attention under the static frame mask that `plan` describes, without any mask tensor.
 
-    q [B, Fq*Pq, N, H]; k, v [B, Fk*Pk, N, H] (RoPE already applied: slicing keeps positions).
+    q [B, Fq*Pq, N, H]; k, v [B, Fk*Pk, N, H] (RoPE already applied: slicing keeps positions), or,
+    with `key_rope` (one (cos, sin) [B, Kg*Pk, H/2] per plan group, from the group's `k_pos`),
+    un-roped keys that each group rotates after gathering (query-dependent key positions).
     For each group: its queries and allowed keys/values are gathered by static slices, attention
     runs unmasked (so 'cudnn' is flash attention, 'xla' the plain XLA kernel), and the outputs
     are put back in query order by a static concatenation. Same math as `attention` with the
@@ -359,13 +392,18 @@ def block_attention(
             f"block_attention: k/v have {k.shape[1]}/{v.shape[1]} tokens, plan has {plan.k_frames} "
             f"key frames of {k_tokens_per_frame} tokens"
         )
+    if key_rope is not None and len(key_rope) != len(plan.groups):
+        raise ValueError(f"block_attention: {len(key_rope)} key RoPE tables for {len(plan.groups)} groups")
     cons = constrain or (lambda z: z)
     pieces: list[tuple[int, jax.Array]] = []
-    for g in plan.groups:
+    for i, g in enumerate(plan.groups):
         if not g.k_ranges:
             raise ValueError(f"block plan group {g} has no key frames")
         qg = cons(_take_frames(q, g.q_ranges, q_tokens_per_frame))
-        kg = cons(_take_frames(k, g.k_ranges, k_tokens_per_frame))
+        kg = _take_frames(k, g.k_ranges, k_tokens_per_frame)
+        if key_rope is not None:
+            kg = apply_rope(kg, key_rope[i])  # this group's view of the keys' temporal positions
+        kg = cons(kg)
         vg = cons(_take_frames(v, g.k_ranges, k_tokens_per_frame))
         og = cons(attention(qg, kg, vg, None, implementation))
         off = 0

@@ -298,7 +298,9 @@ class WanBlock(nnx.Module):
         runs block-sparse; key mass is not available). With it, mask is None, or, for 'splash'
         only, the key-only validity [B, 1, 1, S*P + T] that the plan does not include (traced).
         'splash' runs the Pallas kernel for the plan's mask or a key-only / absent mask, and the
-        'xla' path for a full token mask (a traced frame mask).
+        'xla' path for a full token mask (a traced frame mask). A plan with per-group key
+        positions (`plan.key_positions`) takes rope_k as one (cos, sin) [B, Kg*P, H/2] per group
+        and runs group by group (`attn.block_attention`, also under 'splash').
         Returns x [B, T, D], new k/v [B, T, N, H] (un-roped), key mass [B, S*P + T] or None.
         """
         dt = jnp.dtype(cfg.dtype)
@@ -326,8 +328,11 @@ class WanBlock(nnx.Module):
         else:
             k_all, v_all = k, v
         q = attn.apply_rope(q, rope_q)
-        k_all = attn.apply_rope(k_all, rope_k)
-        if cfg.attention == "splash" and not want_mass and (mask is None or mask.shape[-2] == 1):
+        grouped = plan is not None and plan.key_positions  # rope_k: one table per plan group
+        if not grouped:
+            k_all = attn.apply_rope(k_all, rope_k)
+        splash = cfg.attention == "splash" and not grouped
+        if splash and not want_mass and (mask is None or mask.shape[-2] == 1):
             frames = None if plan is None else plan.to_mask()  # [F, S + F] static
             key_valid = None if mask is None else mask[:, 0, 0, :]  # [B, S*P + T]
             o = attn.splash_attention(q, k_all, v_all, frames, p, p, key_valid, cfg.splash_blocks)
@@ -339,7 +344,9 @@ class WanBlock(nnx.Module):
             def heads(z):
                 return shd.constrain(z, ("batch", "act_tokens", "heads", "head_dim"))
 
-            o, mass = attn.block_attention(q, k_all, v_all, plan, p, p, cfg.attention, heads), None
+            key_rope = rope_k if grouped else None
+            o = attn.block_attention(q, k_all, v_all, plan, p, p, cfg.attention, heads, key_rope)
+            mass = None
         else:
             res = attn.attention(q, k_all, v_all, mask, cfg.attention, return_key_mass=want_mass)
             o, mass = res if want_mass else (res, None)
@@ -487,6 +494,7 @@ class WanDiT(nnx.Module):
         ctx: Context | None = None,
         frame_mask: jax.Array | None = None,
         return_key_mass: bool = False,
+        key_pos=None,
     ) -> ForwardOut:
         """Denoiser forward on F frames, attending to an optional cached context.
 
@@ -501,6 +509,11 @@ class WanDiT(nnx.Module):
                     (see `attn.BlockPlan`; config `attention_blocks`); a traced one runs dense.
                     With attention='splash' a static mask runs in the kernel even when ctx.valid
                     is traced (the validity goes in as segment ids).
+        key_pos:    optional static int [F, F] (no ctx): the temporal index of key frame k as seen
+                    from query frame q, when it depends on the query (a streaming layout replayed
+                    in one training pass, e.g. a sink at relative time); frame_pos then gives the
+                    queries' indices only. Needs a static 2-D frame_mask and always runs the
+                    block-sparse plan (each group rotates its own keys), whatever attention_blocks.
         Returns ForwardOut(velocity [B, F, H, W, C_out], k/v [L, B, F, P, N, H], key_mass).
         """
         cfg = self.cfg
@@ -548,6 +561,17 @@ class WanDiT(nnx.Module):
             if plan is None and splash and ctx is not None:
                 # splash takes a traced ctx.valid beside the static frame mask (segment ids)
                 plan, plan_has_validity = static_block_plan(frame_mask, None, b), False
+        if key_pos is not None:  # query-dependent key positions: the grouped plan, one RoPE per group
+            plan = grouped_key_plan(frame_mask, key_pos, ctx is not None, return_key_mass)
+            rope_k = tuple(
+                attn.rope_angles(
+                    jnp.broadcast_to(jnp.asarray(g.k_pos, jnp.int32), (b, len(g.k_pos))),
+                    (gh, gw),
+                    cfg.head_dim,
+                    cfg.rope_theta,
+                )
+                for g in plan.groups
+            )
         key_valid = None
         if ctx is not None and (plan is None or not plan_has_validity):
             key_valid = jnp.concatenate(
@@ -620,6 +644,19 @@ def static_block_plan(frame_mask, ctx_valid, batch: int) -> attn.BlockPlan | Non
     if fm.shape[0] not in (1, batch) or not (fm == fm[:1]).all():
         return None
     return attn.plan_frame_mask(fm[0])
+
+
+def grouped_key_plan(frame_mask, key_pos, has_ctx: bool, key_mass: bool) -> attn.BlockPlan:
+    """The block plan of a forward with query-dependent key positions (see `WanDiT.__call__`)."""
+    if has_ctx or key_mass:
+        raise ValueError("key_pos (query-dependent key positions) excludes a cached context and the key mass")
+    fm, kp = _static_value(frame_mask), _static_value(key_pos)
+    if fm is None or kp is None or fm.ndim != 2:
+        raise ValueError(
+            "key_pos needs a static [F, F] frame_mask and a static [F, F] key_pos (numpy), got "
+            f"{'traced' if fm is None else fm.shape} and {'traced' if kp is None else kp.shape}"
+        )
+    return attn.plan_frame_mask(fm, kp)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Owns: `StreamConfig` (the `config.stream` section) and, for every policy, how many anchor and
 window slots the buffer has, which temporal index each slot and each frame of the current call
-shows the model (absolute or relative time), and where a finished chunk is committed.
+shows the model (absolute or relative time), where a finished chunk is committed, and the
+training layouts derived from that bookkeeping (below).
 
 | policy     | anchor slots          | window slots   | commit                                              |
 |------------|-----------------------|----------------|-----------------------------------------------------|
@@ -47,12 +48,24 @@ frames for this (`Carry.history`, a ring by frame index). Temporal index of the 
 their global index (absolute), or the slot formula A + W - (S - g) extended past the window
 (relative; LongLive has no relative layout).
 
+Training layouts (the one description of the context): `context_schedule(sc, N)` replays this
+bookkeeping (`slot_positions`, `query_positions`, `commit`) on the host over N chunks and says, per
+chunk, which frame (or state, or blend) each slot holds, its validity and temporal index, and the
+query indices; `clip_layout(sc, F, context)` turns that into the frame mask and temporal positions
+of one parallel training pass over a clip (teacher forcing: [clean; noisy]; diffusion forcing: one
+copy), with per-query key positions where no single assignment reproduces the streamed offsets
+(a sink at relative time). It refuses, naming config.stream.anchor, what a pass cannot express:
+the `adastate` state slot (the model's own output, no clean target) and an `ema_sink` merge (a
+blend of keys/values); and a frame visible twice (`sink_refresh_every`). `clip_policy` is the
+absolute-time policy (full / window / sink) a clip-trained teacher attends with.
+
 Must not know: the model internals, sampler or optimisers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -334,3 +347,249 @@ def slot_groups(sc: StreamConfig) -> np.ndarray:
 
 
 GROUP_NAMES = ("anchor", "window", "current")
+
+
+# --------------------------------------------------------------------------------------------
+# One description of the context for streaming and training
+# --------------------------------------------------------------------------------------------
+# `context_schedule` replays the commit bookkeeping of a StreamConfig on the host with the very
+# functions `Streamer.step` uses (`slot_positions`, `query_positions`, `commit`, hence
+# `content_slots`, the ema_sink merge and the sink refresh), on a carry whose slot latents are
+# identity vectors: after N chunks every slot's latent says which content frame (or adaptive
+# state, or blend of frames) it holds. `clip_layout` turns that into the frame mask and temporal
+# positions of one parallel training pass over a clip; every training layout (ODE init's student,
+# DMD's teacher / critic scores, flow matching with teacher or diffusion forcing) comes from it.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChunkContext:
+    """What chunk `chunk` attends to when streamed: the slots as `Streamer.step` sees them.
+
+    `weights[s]` is the composition of slot s: columns [0, M) are the clip's content frames
+    (M = N * chunk_frames), then F_s columns per adaptive state, the first F_s for the noise state
+    of `first_chunk='noise'` and F_s more for the state of each chunk c (at 1 + c). A slot holding
+    a copy of one frame has a one-hot row; an ema_sink merge gives a blend.
+    """
+
+    chunk: int
+    weights: np.ndarray  # [S, M + (N + 1) * F_s] float32
+    valid: np.ndarray  # [S] bool: the slot is visible (Carry.valid)
+    frame_idx: np.ndarray  # [S] int32: Carry.frame_idx (EMPTY, or -1 for the noise state)
+    slot_pos: np.ndarray  # [S] int32: `slot_positions` (0 where invalid)
+    query_pos: np.ndarray  # [F_s + F] int32: `query_positions` (state first, then content)
+    num_content: int  # M
+
+    def content_frame(self, slot: int) -> int:
+        """The content frame slot `slot` holds a copy of, or -1 (empty, a state, a blend)."""
+        w = self.weights[slot]
+        j = int(np.argmax(w))
+        exact = w[j] == 1.0 and np.count_nonzero(w) == 1
+        return j if self.valid[slot] and exact and j < self.num_content else -1
+
+    def holds_state(self, slot: int) -> bool:
+        """Whether the slot holds (only) an adaptive state: the model's own output."""
+        w = self.weights[slot]
+        return bool(self.valid[slot] and w[self.num_content :].any() and not w[: self.num_content].any())
+
+    def blended(self, slot: int) -> bool:
+        """Whether the slot holds a blend (an ema_sink merge of evicted frames into a sink)."""
+        w = self.weights[slot]
+        return bool(self.valid[slot] and np.count_nonzero(w) > 1)
+
+
+def context_schedule(sc: StreamConfig, num_chunks: int) -> tuple[ChunkContext, ...]:
+    """Per chunk c < num_chunks, what `Streamer.step` attends to (host-side, pure, a few ms).
+
+    Replays `commit` on a carry of identity latents (1 layer, 1 token, zero keys/values), with the
+    first_chunk='noise' state written as `Streamer.init_carry` writes it.
+    """
+    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
+        return _replay(sc, int(num_chunks))
+
+
+def _replay(sc: StreamConfig, n: int) -> tuple[ChunkContext, ...]:
+    f, fs, s = sc.chunk_frames, sc.query_state_frames, sc.num_slots
+    m = n * f
+    eye = jnp.eye(m + (n + 1) * fs, dtype=jnp.float32)
+
+    def ident(rows):  # [R] identity columns -> latents [1, R, 1, 1, width]
+        return eye[jnp.asarray(rows, jnp.int32)][None, :, None, None, :]
+
+    kv = lambda r: jnp.zeros((1, 1, r, 1, 1, 1), jnp.float32)  # noqa: E731
+    carry = Carry(
+        k=kv(s),
+        v=kv(s),
+        valid=jnp.zeros((s,), bool),
+        frame_idx=jnp.full((s,), EMPTY, jnp.int32),
+        latents=jnp.zeros((1, s, 1, 1, eye.shape[0]), jnp.float32),
+        state=jnp.zeros((1, fs, 1, 1, eye.shape[0]), jnp.float32),
+        text=None,
+        prompt_id=jnp.int32(0),
+        num_frames=jnp.int32(0),
+        chunk=jnp.int32(0),
+        key=jnp.zeros((2,), jnp.uint32),
+    )
+    history = sc.history_frames  # the longlive re-cache keeps recent clean latents in the carry
+    if history:
+        carry = carry.replace(history=jnp.zeros((1, history, 1, 1, eye.shape[0]), jnp.float32))
+    if sc.anchor == "adastate" and sc.first_chunk == "noise":  # as Streamer.init_carry
+        noise_state = range(m, m + fs)
+        carry = write_slots(carry, jnp.arange(fs), kv(fs), kv(fs), ident(noise_state), jnp.full((fs,), -1))
+    out = []
+    for c in range(n):
+        out.append(
+            ChunkContext(
+                chunk=c,
+                weights=np.asarray(carry.latents[0, :, 0, 0]),
+                valid=np.asarray(carry.valid),
+                frame_idx=np.asarray(carry.frame_idx),
+                slot_pos=np.asarray(slot_positions(sc, carry)),
+                query_pos=np.asarray(query_positions(sc, carry)),
+                num_content=m,
+            )
+        )
+        state_cols = range(m + (c + 1) * fs, m + (c + 2) * fs)
+        rows = [*state_cols, *range(c * f, (c + 1) * f)]  # state first, then content (commit's order)
+        carry = commit(sc, carry, kv(fs + f), kv(fs + f), ident(rows))
+    return tuple(out)
+
+
+CONTEXTS = ("clean", "noisy")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClipAttention:
+    """One parallel forward over a clip of F frames that reproduces streamed chunks' attention.
+
+    context='clean' (teacher forcing): the sequence [clean frames (F); noisy frames (F)]; the clean
+    rows write the context (each clean chunk attends as its cache-refresh pass did), noisy chunk c
+    attends to the clean frames chunk c's slots hold and to itself. context='noisy' (diffusion
+    forcing): one copy; chunk c attends to the frames its slots hold, themselves being denoised.
+    `key_positions` is None when every key frame shows one temporal index to all its queries (then
+    `positions` holds it); else [T, T], the index of key frame k as seen from query frame q.
+    """
+
+    num_frames: int  # F
+    context: str  # clean | noisy
+    mask: np.ndarray  # [T, T] bool, T = 2F (clean) or F (noisy); query frame x key frame
+    positions: np.ndarray  # [T] int32 temporal index of every frame (as a query; and as a key
+    #                        when key_positions is None)
+    key_positions: np.ndarray | None  # [T, T] int32, or None
+
+
+def clip_policy(
+    chunk_frames: int, window_frames: int | None, sink_frames: int, num_frames: int
+) -> StreamConfig:
+    """The streaming policy a clip-trained (teacher) model attends with, absolute time:
+    `full` (window None: every earlier frame), `window`, or `sink` (window + first frames)."""
+    if window_frames is None:
+        return StreamConfig(
+            anchor="full", chunk_frames=chunk_frames, max_frames=num_frames, time_layout="absolute"
+        )
+    anchor = "sink" if sink_frames > 0 else "window"
+    return StreamConfig(
+        anchor=anchor,
+        chunk_frames=chunk_frames,
+        window_frames=window_frames,
+        sink_frames=max(sink_frames, 1) if anchor == "sink" else StreamConfig.sink_frames,
+        time_layout="absolute",
+    )
+
+
+def expressible(sc: StreamConfig) -> None:
+    """Raise (naming config.stream.anchor) for a policy no parallel training pass can reproduce
+    whatever the clip length: `adastate` (its state slot holds the model's own output)."""
+    if sc.anchor == "adastate":
+        raise ValueError(
+            "config.stream.anchor='adastate': the state slot holds the model's own output (the clean "
+            "state it denoised with the previous chunk), which has no clean target, so no parallel "
+            "teacher-forcing pass over a clip can reproduce what a streamed adastate chunk attends to. "
+            "Train this stage with a policy it can express instead, e.g. ODE-init a 'window' student "
+            "(config.stream.anchor='window', the same window_frames) and start the adastate DMD from "
+            "its export (config.train.init_from); DMD rolls adastate out through Streamer.step"
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def clip_layout(sc: StreamConfig, num_frames: int, context: str = "clean") -> ClipAttention:
+    """The attention of one training pass over a clip of `num_frames` frames streamed under `sc`.
+
+    Raises ValueError naming config.stream.anchor for a state slot (`adastate`), a blended slot
+    (an `ema_sink` merge, i.e. any clip long enough to evict a frame), and a frame visible twice
+    (`sink_refresh_every` copying window frames into the sink).
+    """
+    if context not in CONTEXTS:
+        raise ValueError(f"clip_layout: context {context!r} not in {CONTEXTS}")
+    f_chunk = sc.chunk_frames
+    if num_frames <= 0 or num_frames % f_chunk:
+        raise ValueError(
+            f"a clip of {num_frames} frames is not a whole number of chunks "
+            f"(config.stream.chunk_frames={f_chunk})"
+        )
+    expressible(sc)
+    n = num_frames // f_chunk
+    fs = sc.query_state_frames
+    clean = context == "clean"
+    off = num_frames if clean else 0  # row of noisy frame j: off + j
+    t = num_frames + off
+    mask = np.zeros((t, t), bool)
+    kpos = np.zeros((t, t), np.int64)
+    qpos = np.zeros((t,), np.int64)
+    for ctx in context_schedule(sc, n):
+        c = ctx.chunk
+        own = np.arange(c * f_chunk, (c + 1) * f_chunk)
+        seen: dict[int, int] = {}  # content frame -> position
+        for s in np.flatnonzero(ctx.valid):
+            if ctx.blended(s):
+                raise ValueError(
+                    f"config.stream.anchor={sc.anchor!r}: at chunk {c} slot {s} holds a blend of frames "
+                    f"(the ema_sink merge of an evicted frame into the sink; a blend of keys/values, not a "
+                    f"visibility pattern), which a parallel pass over a {num_frames}-frame clip cannot "
+                    "reproduce. Use anchor='sink' for this stage (it equals ema_sink until the first "
+                    "eviction) and train ema_sink with DMD, whose rollout streams through Streamer.step"
+                )
+            j = ctx.content_frame(s)
+            if j < 0:  # a state slot: adastate is refused above
+                raise ValueError(f"config.stream.anchor={sc.anchor!r}: slot {s} holds no content frame")
+            if j in seen:
+                raise ValueError(
+                    f"config.stream.sink_refresh_every={sc.sink_refresh_every}: at chunk {c} frame {j} is "
+                    "visible twice (sink and window), which a frame mask cannot express"
+                )
+            seen[j] = int(ctx.slot_pos[s])
+        ctx_frames = np.asarray(sorted(seen), np.int64)
+        ctx_pos = np.asarray([seen[j] for j in ctx_frames], np.int64)
+        own_pos = ctx.query_pos[fs:]
+        ctx_rows = ctx_frames if clean else ctx_frames + off  # the context is the clean copy, or itself
+        queries = [(own + off, own + off)]  # noisy chunk c: its own noisy frames
+        if clean:
+            queries.append((own, own))  # clean chunk c: as its cache-refresh pass
+        for q_rows, own_rows in queries:
+            for q in q_rows:
+                mask[q, ctx_rows] = True
+                kpos[q, ctx_rows] = ctx_pos
+                mask[q, own_rows] = True
+                kpos[q, own_rows] = own_pos
+                qpos[q] = own_pos[q - own_rows[0]]
+    return _canonical(ClipAttention(num_frames, context, mask, qpos, kpos))
+
+
+def _canonical(layout: ClipAttention) -> ClipAttention:
+    """Drop `key_positions` when every key shows one index to all its queries up to a shift per
+    query (RoPE sees offsets only): then positions = the frame's index in the clip (absolute time),
+    which is what a `window`/`full` layout at relative time reduces to. Otherwise keep them (a
+    sink at relative time sits at offsets that no single assignment reproduces)."""
+    f = layout.num_frames
+    t = layout.mask.shape[0]
+    frame = np.arange(t) % f  # index in the clip of every row (clean and noisy copies alike)
+    shift = layout.positions - frame  # per query
+    q, k = np.nonzero(layout.mask)
+    if np.array_equal(layout.key_positions[q, k] - frame[k], shift[q]):
+        positions, key_positions = frame.astype(np.int32), None
+    else:
+        positions = layout.positions.astype(np.int32)
+        key_positions = np.where(layout.mask, layout.key_positions, 0).astype(np.int32)
+    for a in (layout.mask, positions, key_positions):  # shared by the lru_cache: read-only
+        if a is not None:
+            a.setflags(write=False)
+    return dataclasses.replace(layout, positions=positions, key_positions=key_positions)

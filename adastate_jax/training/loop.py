@@ -6,7 +6,10 @@ shardings, state donated), placing per-host batches as global arrays, the loop i
 lines with steps/s, frames/s, ETA; metrics to stdout and `WORKDIR/metrics.jsonl`), saving every
 `ckpt_every` steps and on SIGTERM, stopping on a non-finite loss or gradient norm after saving the
 last good state, and exporting the final params to `WORKDIR/export/` (a params checkpoint that
-`launch/rollout.py --checkpoint` streams from and that later stages load).
+`launch/rollout.py --checkpoint` streams from and that later stages load). The export's info.json
+records the run's objective, steps and student policy, and where its params started
+(`init_provenance`: the `train.init_from` chain with each stage's objective, policy and steps, so a
+study can count the steps of an arm initialised from another arm's student).
 
 TensorBoard scalars go through tensorboardX to `WORKDIR/tb/events.out.tfevents.*`; the same metrics
 also go to `WORKDIR/metrics.jsonl`.
@@ -100,6 +103,7 @@ class Run:
     abstract_state: Any
     batch_sharding: Any
     pretrained: dict  # name -> (abstract nnx.State, its shardings, path): built outside any mesh context
+    init: dict | None = None  # provenance of train.init_from (`init_provenance`), None without it
 
     @property
     def model_cfg(self) -> wan.WanConfig:
@@ -147,6 +151,7 @@ def setup(cfg, workdir: str, mesh=None) -> Run:
     sizes = config_lib.mesh_sizes(exp, mesh)
     check_run(exp, sizes)
     objective = objectives.build(exp)
+    init = init_provenance(exp)  # checks config.train.init_policy before anything is built
     rng = jax.random.key_data(jax.random.key(exp.train_seed))
     pretrained = {}
     for name, (mcfg, path) in objective.pretrained().items():
@@ -160,7 +165,43 @@ def setup(cfg, workdir: str, mesh=None) -> Run:
     abstract_state = jax.eval_shape(objective.init_state, rng, loaded_abstract)
     shardings = state_lib.state_shardings(abstract_state, mesh, exp.sharding_rules)
     batch_sharding = shd.named_sharding(mesh, ("batch",), exp.sharding_rules)
-    return Run(cfg, exp, workdir, mesh, objective, shardings, abstract_state, batch_sharding, pretrained)
+    return Run(
+        cfg, exp, workdir, mesh, objective, shardings, abstract_state, batch_sharding, pretrained, init
+    )
+
+
+STUDENT_OBJECTIVES = ("ode_init", "self_forcing_dmd")  # objectives whose params stream with a policy
+
+
+def init_provenance(exp: Experiment) -> dict | None:
+    """Where `train.init_from` comes from, read from its export (info.json, config.json):
+    {init_from, init_objective, init_policy (its stream.anchor when a student, else None),
+    init_chain (nearest first: {path, objective, policy, step} of every stage down the chain),
+    init_steps (steps of the chain's student stages: ODE init and DMD)}; None without init_from.
+    Raises naming config.train.init_policy when it is set and the export's policy differs or is
+    not recorded."""
+    tc = exp.train
+    path = tc.init_from
+    if not path:
+        return None
+    info = checkpoint_io.read_info(path)
+    raw = checkpoint_io.read_config_json(path)
+    cfg = json.loads(raw) if raw else {}
+    objective = info.get("objective") or (cfg.get("train") or {}).get("objective")
+    policy = info.get("policy")
+    if policy is None and objective in STUDENT_OBJECTIVES:
+        policy = (cfg.get("stream") or {}).get("anchor")
+    if tc.init_policy and policy != tc.init_policy:
+        found = f"policy {policy!r}" if policy else "no student policy (no config.json / not a student)"
+        raise ValueError(
+            f"config.train.init_policy={tc.init_policy!r}: config.train.init_from={path} records {found}"
+        )
+    here = dict(path=path, objective=objective, policy=policy, step=int(info.get("step", 0)))
+    chain = [here, *info.get("init_chain", [])]
+    steps = sum(int(c.get("step", 0)) for c in chain if c.get("objective") in STUDENT_OBJECTIVES)
+    return dict(
+        init_from=path, init_objective=objective, init_policy=policy, init_chain=chain, init_steps=steps
+    )
 
 
 def init_state(run: Run):
@@ -461,7 +502,9 @@ def _export(run: Run, state, config_json: str, workdir: str) -> str:
         info=dict(
             step=int(jax.device_get(state.step)),
             objective=run.exp.train.objective,
+            policy=run.exp.stream.anchor if run.exp.train.objective in STUDENT_OBJECTIVES else None,
             ema=state.ema_params is not None,
+            **(run.init or {}),
         ),
         overwrite=True,
     )

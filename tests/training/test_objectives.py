@@ -124,7 +124,7 @@ def test_truncated_gradient_through_adastate_carry(tmp_path, random_teacher):
         text = jnp.ones((1, 8, 32), jnp.float32)
 
         def late_chunk_loss(p, obj=obj, text=text):
-            video = obj.rollout(p, text, jax.random.key(0), jnp.int32(0), 2)
+            video, _ = obj.rollout(p, text, jax.random.key(0), jnp.int32(0), 2)
             return jnp.mean(jnp.square(video[:, 3:]))  # chunk 1 only
 
         grads[k] = jax.grad(late_chunk_loss)(params)

@@ -1,16 +1,22 @@
 """Flow-matching objective: teacher / base training of the Wan DiT on clips.
 
 Owns: the flow-matching loss on a clip of latents (x_t = (1 - s) x0 + s eps, target v = eps - x0,
-shifted training timesteps), the attention layouts it trains under, and the single-model train
-step shared with `ode_init` (grad, clip, AdamW, EMA, non-finite guard).
+shifted training timesteps), `ClipLayout` (which pass a clip runs and under which streaming
+policy; `teacher_layout`, the teacher's, shared with the ODE / DMD teacher and critic) and
+`clip_forward`, and the single-model train step shared with `ode_init` (grad, clip, AdamW, EMA,
+non-finite guard).
 
 Layouts (`config.train.attention`):
   bidirectional      every frame sees every frame, one timestep per clip (Wan's base training);
   diffusion_forcing  block-causal over chunks, a timestep per chunk (or frame / clip, see
                      `config.train.t_sampling`): each chunk denoises given noisier/cleaner past;
-  teacher_forcing    the sequence [clean clip; noisy clip] with `teacher_forcing_mask`: noisy chunk
-                     c sees the clean frames of earlier chunks (optionally only a window + sink, the
-                     streaming layout of `config.stream`) and itself. Loss on the noisy half only.
+  teacher_forcing    the sequence [clean clip; noisy clip]: noisy chunk c sees the clean frames of
+                     earlier chunks (optionally only a window of `config.train.tf_window` frames
+                     plus the first `tf_sink`) and itself. Loss on the noisy half only.
+Which frame sees which, and at which temporal index, is never written here: `ClipLayout` names a
+streaming policy (the clip policy of tf_window / tf_sink at absolute time, or a student's
+`config.stream`) and `streaming.anchors.clip_layout` derives the mask and positions from the
+commit bookkeeping `Streamer.step` runs (see its docstring for the refusals).
 
 Must not know: data pipelines, files, meshes, checkpoints.
 """
@@ -28,28 +34,78 @@ from flax import nnx
 
 from adastate_jax import build
 from adastate_jax.config.schema import ATTENTION_LAYOUTS, T_SAMPLING  # declared with the fields
-from adastate_jax.models import attention as attn
 from adastate_jax.models import wan
+from adastate_jax.streaming import anchors
 from adastate_jax.streaming import sampler as smp_lib
+from adastate_jax.streaming.anchors import StreamConfig
 from adastate_jax.training import state as state_lib
 from adastate_jax.training.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
 class ClipLayout:
-    """How a clip of F latent frames is presented to the model (static)."""
+    """How a clip of F latent frames is presented to the model (static).
+
+    `attention` picks the pass: 'bidirectional' (every frame sees every frame), 'diffusion_forcing'
+    (one copy of the clip; chunk c attends to the frames its streaming context holds, themselves
+    noisy) or 'teacher_forcing' ([clean clip; noisy clip]: noisy chunk c attends to the clean
+    frames its streaming context holds). Who sees whom, and at which temporal index, is the
+    streaming policy `policy` replayed by `anchors.clip_layout`; without one, the clip policy of
+    `window_frames` / `sink_frames` (absolute time: `full` when window_frames is None, else `window`,
+    or `sink` with sink_frames > 0), the layout a teacher trains and scores with.
+    """
 
     attention: str = "diffusion_forcing"
     chunk_frames: int = 3
-    window_frames: int | None = None  # teacher forcing: clean frames visible before the chunk
-    sink_frames: int = 0
-    context_noise: float = 0.0
+    window_frames: int | None = None  # clean frames visible before the chunk (None: all)
+    sink_frames: int = 0  # first frames always visible (with a window)
+    context_noise: float = 0.0  # teacher forcing: timestep of the clean copy
+    policy: StreamConfig | None = None  # a streaming policy (a student's config.stream) instead
 
     def __post_init__(self):
         if self.attention not in ATTENTION_LAYOUTS:
             raise ValueError(
                 f"config.train.attention: unknown layout {self.attention!r}; choose from {ATTENTION_LAYOUTS}"
             )
+        if self.policy is not None and self.policy.chunk_frames != self.chunk_frames:
+            raise ValueError(
+                f"ClipLayout: chunk_frames={self.chunk_frames} differs from the policy's "
+                f"config.stream.chunk_frames={self.policy.chunk_frames}"
+            )
+
+    def stream_policy(self, num_frames: int) -> StreamConfig:
+        """The streaming policy whose context a clip of `num_frames` frames reproduces."""
+        if self.policy is not None:
+            return self.policy
+        try:
+            return anchors.clip_policy(self.chunk_frames, self.window_frames, self.sink_frames, num_frames)
+        except ValueError as e:
+            raise ValueError(
+                f"config.train.tf_window={self.window_frames} / tf_sink={self.sink_frames}: not a "
+                f"streaming layout with chunks of {self.chunk_frames} frames ({e})"
+            ) from None
+
+    def frames(self, num_frames: int) -> anchors.ClipAttention | None:
+        """The frame mask and positions of a clip of `num_frames` frames (None: bidirectional)."""
+        if self.attention == "bidirectional":
+            return None
+        context = "clean" if self.attention == "teacher_forcing" else "noisy"
+        return anchors.clip_layout(self.stream_policy(num_frames), int(num_frames), context)
+
+
+def teacher_layout(exp, attention: str) -> ClipLayout:
+    """The layout a clip-trained model of `exp` attends with: `attention` (config.train.attention
+    for flow matching, config.train.teacher_attention for the ODE / DMD teacher and critic) with the
+    teacher-forcing window and sink `config.train.tf_window` / `tf_sink`, clean context at
+    `config.sampler.context_noise`."""
+    tc = exp.train
+    return ClipLayout(
+        attention=attention,
+        chunk_frames=exp.stream.chunk_frames,
+        window_frames=None if tc.tf_window < 0 else tc.tf_window,
+        sink_frames=tc.tf_sink,
+        context_noise=float(exp.sampler.context_noise),
+    )
 
 
 def sample_timesteps(key, batch: int, frames: int, chunk: int, how: str, table: jax.Array, lo=0, hi=None):
@@ -75,19 +131,18 @@ def clip_forward(graphdef, params, x, t, text, layout: ClipLayout, clean=None) -
     clean [B, F, h, w, C]: the clean context (teacher forcing only). Returns v [B, F, h, w, C].
     """
     f = x.shape[1]
-    pos = jnp.arange(f, dtype=jnp.int32)
-    if layout.attention == "bidirectional":
-        return wan.forward(graphdef, params, x, t, text, pos).velocity
-    if layout.attention == "diffusion_forcing":
-        mask = attn.block_causal_mask(f, layout.chunk_frames)
-        return wan.forward(graphdef, params, x, t, text, pos, None, mask).velocity
-    if clean is None:
-        raise ValueError("teacher_forcing needs the clean clip as context")
-    mask = attn.teacher_forcing_mask(f, layout.chunk_frames, layout.window_frames, layout.sink_frames)
-    x_in = jnp.concatenate([clean.astype(x.dtype), x], axis=1)  # [B, 2F, h, w, C]
-    t_in = jnp.concatenate([jnp.full_like(t, layout.context_noise), t], axis=1)  # [B, 2F]
-    out = wan.forward(graphdef, params, x_in, t_in, text, jnp.concatenate([pos, pos]), None, mask)
-    return out.velocity[:, f:]
+    frames = layout.frames(f)  # static: from the streaming policy's commit bookkeeping
+    if frames is None:
+        return wan.forward(graphdef, params, x, t, text, jnp.arange(f, dtype=jnp.int32)).velocity
+    if frames.context == "clean":
+        if clean is None:
+            raise ValueError("teacher_forcing needs the clean clip as context")
+        x = jnp.concatenate([clean.astype(x.dtype), x], axis=1)  # [B, 2F, h, w, C]
+        t = jnp.concatenate([jnp.full_like(t, layout.context_noise), t], axis=1)  # [B, 2F]
+    out = wan.forward(
+        graphdef, params, x, t, text, frames.positions, None, frames.mask, key_pos=frames.key_positions
+    )
+    return out.velocity[:, -f:]
 
 
 def flow_matching_loss(
@@ -219,13 +274,7 @@ class FlowMatching(SingleModelObjective):
     def __init__(self, exp):
         super().__init__(exp)
         tc = exp.train
-        self.layout = ClipLayout(
-            attention=tc.attention,
-            chunk_frames=exp.stream.chunk_frames,
-            window_frames=None if tc.tf_window < 0 else tc.tf_window,
-            sink_frames=tc.tf_sink,
-            context_noise=float(exp.sampler.context_noise),
-        )
+        self.layout = teacher_layout(exp, tc.attention)
         self.t_sampling = tc.t_sampling
 
     def loss(self, params, frozen, batch, key):

@@ -4,8 +4,17 @@ Owns: sampling the teacher's probability-flow ODE over a whole clip (Euler, `ode
 between consecutive student timesteps, classifier-free guidance `teacher_guidance`) while recording
 the states at the student's (warped) denoising timesteps, and the regression loss of the student:
 for every chunk a random student step k, the student sees the recorded x_{t_k} of that chunk and
-the teacher's clean result for the earlier chunks as context (teacher forcing, with the streaming
-window/sink of `config.stream`), and predicts x0; loss = MSE to the teacher's x0.
+the teacher's clean result for the earlier chunks as context (teacher forcing), and predicts x0;
+loss = MSE to the teacher's x0.
+
+Layouts: the student attends exactly as it will stream, `config.stream`'s policy replayed by
+`anchors.clip_layout` (who sees whom and at which temporal index, relative time included; a sink
+at relative time gets per-query key positions). A policy no parallel pass can express is refused
+with an error naming `config.stream.anchor`, never replaced: `adastate` (its state slot holds the
+model's own output; ODE-init a `window` student and start the adastate DMD from its export), and
+`ema_sink` over a clip long enough to evict a frame (use `sink`, equal until the first eviction).
+The teacher's trajectories use the teacher's layout (`config.train.teacher_attention` with
+`tf_window` / `tf_sink`, `flow_matching.teacher_layout`).
 
 Two sources of trajectories, one student loss (`OdeInit.student_loss`):
   on the fly  (any prompt source) the trajectory is generated inside the train step (the teacher is
@@ -28,16 +37,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adastate_jax.streaming import anchors
 from adastate_jax.training.objectives import flow_matching as fm
 from adastate_jax.training.objectives.flow_matching import ClipLayout, SingleModelObjective
 
 
 def streaming_layout(exp) -> ClipLayout:
-    """Teacher forcing with the attention the streaming student will have (window + sink)."""
-    sc = exp.stream
-    window = None if sc.anchor == "full" else sc.window_frames
-    sink = sc.sink_frames if sc.anchor in ("sink", "ema_sink") else 0
-    return ClipLayout("teacher_forcing", sc.chunk_frames, window, sink, float(exp.sampler.context_noise))
+    """Teacher forcing with the context the streaming student will have: its own policy
+    (`config.stream`: anchor, window, sink, time layout), replayed by `anchors.clip_layout`.
+
+    Refuses (ValueError naming config.stream.anchor) a policy no parallel pass can express:
+    `adastate` always, `ema_sink` when the training clip (`config.data`) evicts a frame."""
+    layout = ClipLayout(
+        "teacher_forcing",
+        exp.stream.chunk_frames,
+        context_noise=float(exp.sampler.context_noise),
+        policy=exp.stream,
+    )
+    anchors.expressible(exp.stream)
+    frames = None if exp.data is None else exp.data.clip_frames
+    if frames is not None:
+        layout.frames(frames)  # raises now for a clip the policy cannot be replayed over
+    return layout
 
 
 def guided_clip_velocity(graphdef, params, x, t, text, layout: ClipLayout, scale: float, clean=None):
@@ -105,7 +126,7 @@ class OdeInit(SingleModelObjective):
         from adastate_jax.models import wan
 
         self.teacher_graphdef = wan.abstract_model(self.teacher_cfg)[0]
-        self.teacher_layout = ClipLayout(tc.teacher_attention, exp.stream.chunk_frames)
+        self.teacher_layout = fm.teacher_layout(exp, tc.teacher_attention)
         self.student_layout = streaming_layout(exp)
         self.timesteps = np.asarray(exp.sampler.timesteps, np.float32)
         self.substeps = tc.ode_substeps
