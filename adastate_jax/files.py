@@ -12,6 +12,10 @@ Owns:
   trajectories and shipped-model manifests record), `params_stats_sha256` (a cheap one from
   per-leaf sums, for cache identities of very large encoders) and `path_stamp` (path, size and
   modification time of a file or a directory's files: "has this checkpoint changed").
+- run directories on object stores: `is_url`, `resolve` (abspath for local paths only),
+  `make_dirs`, `exists`, `remove_tree`, `read_text`, `write_text`, `LineLog` / `append_line`
+  (appends locally, rewrites the object on a store, which has no appends), through fsspec for
+  URLs (`gs://` needs `gcsfs`).
 
 Must not know: what the files hold (models, configs, records), who writes them. jax and flax are
 imported only by the params fingerprints.
@@ -253,3 +257,115 @@ def path_stamp(path: str | os.PathLike) -> str:
         st = os.stat(f)
         parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
     return sha256_text("|".join(parts))
+
+
+# --------------------------------------------------------------------------------------------
+# Object stores: run directories given as URLs (gs://bucket/run on a TPU pod)
+# --------------------------------------------------------------------------------------------
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` names an object store location (`gs://bucket/run`, `s3://...`,
+    `memory://...`) rather than a local path. URLs are read and written through fsspec (`gs://`
+    needs the `gcsfs` package; orbax reaches them itself)."""
+    return "://" in os.fspath(path)
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """An absolute local path, or a URL as given (`os.path.abspath('gs://b/run')` would make the
+    local path `CWD/gs:/b/run`)."""
+    path = os.fspath(path)
+    return path if is_url(path) else os.path.abspath(path)
+
+
+def make_dirs(path: str | os.PathLike) -> None:
+    """`os.makedirs(path, exist_ok=True)` for a local path; nothing for a URL (object stores have
+    no directories: writing an object under a prefix makes it)."""
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """Whether a local path, or an object or prefix of a store, exists."""
+    path = os.fspath(path)
+    if not is_url(path):
+        return os.path.exists(path)
+    import fsspec
+
+    fs, target = fsspec.core.url_to_fs(path)
+    return bool(fs.exists(target))
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete a local directory tree or every object under a store prefix (nothing if absent)."""
+    path = os.fspath(path)
+    if not is_url(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    import fsspec
+
+    fs, target = fsspec.core.url_to_fs(path)
+    if fs.exists(target):
+        fs.rm(target, recursive=True)
+
+
+def read_text(path: str | os.PathLike) -> str | None:
+    """The text of a local file or an object, or None when it does not exist."""
+    path = os.fspath(path)
+    if not is_url(path):
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    import fsspec
+
+    fs, target = fsspec.core.url_to_fs(path)
+    if not fs.exists(target):
+        return None
+    with fs.open(target, "r", encoding="utf-8") as fh:
+        return fh.read()
+
+
+def write_text(path: str | os.PathLike, text: str) -> str:
+    """Write `text` to a local file atomically (`write_text_atomic`) or to an object (an object
+    store replaces an object in one piece)."""
+    path = os.fspath(path)
+    if not is_url(path):
+        return write_text_atomic(path, text)
+    import fsspec
+
+    with fsspec.open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return path
+
+
+class LineLog:
+    """A text file that grows by whole lines (metrics.jsonl, bad_batches.jsonl): appended and
+    flushed locally; object stores have no appends, so for a URL the text so far (read back when
+    the object exists: a resumed run continues it) is kept and the object rewritten on every write."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._fh = None if is_url(self.path) else open(self.path, "a", encoding="utf-8")
+        self._text = (read_text(self.path) or "") if self._fh is None else ""
+
+    def write(self, text: str) -> None:
+        if self._fh is not None:
+            self._fh.write(text)
+            self._fh.flush()
+        else:
+            self._text += text
+            write_text(self.path, self._text)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line (a trailing newline is added) to a local file or an object."""
+    log = LineLog(path)
+    try:
+        log.write(line.rstrip("\n") + "\n")
+    finally:
+        log.close()

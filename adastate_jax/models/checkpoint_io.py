@@ -77,13 +77,13 @@ def _sync(name: str) -> None:
 
 def params_dir(path: str) -> str:
     """The orbax directory of a params checkpoint: DIR/params, or `path` itself if it is one."""
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
+    path = files.resolve(path)
+    if not files.exists(path):
         raise FileNotFoundError(f"params checkpoint {path!r} does not exist")
     sub = os.path.join(path, PARAMS_DIR)
-    if os.path.isdir(sub):
+    if os.path.isdir(sub) or (files.is_url(sub) and files.exists(sub)):
         return sub
-    if os.path.exists(os.path.join(path, "_METADATA")) or os.path.exists(
+    if files.exists(os.path.join(path, "_METADATA")) or files.exists(
         os.path.join(path, "_CHECKPOINT_METADATA")
     ):
         return path
@@ -112,14 +112,18 @@ def save_params(
       written to DIR/config.json. info: a JSON-serialisable dict written to DIR/info.json.
     Atomic (temp sibling + rename); raises FileExistsError if `path` exists and not `overwrite`.
     Sharded arrays are written by every process (call it on all hosts). Returns the absolute path.
+    A URL (`gs://bucket/run/export`) is written in place: object stores have no rename, orbax
+    commits the params itself and each JSON file is one object (`_save_params_to_store`).
     """
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
+    path = files.resolve(path)
+    if files.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
     params = _pure(params)
     _check_leaves(params)  # fail before writing anything
     if config_json is not None:
         json.loads(config_json)
+    if files.is_url(path):
+        return _save_params_to_store(path, params, config_json, info)
     tmp = files.sibling(path, "partial")
     primary = jax.process_index() == 0
     if primary:
@@ -151,6 +155,30 @@ def save_params(
     return path
 
 
+def _save_params_to_store(path: str, params: dict, config_json: str | None, info: Mapping | None) -> str:
+    """`save_params` to an object-store URL: an old export is deleted first (the caller checked
+    `overwrite`), orbax writes DIR/params and commits it (its finalisation marker; a reader finds
+    no complete checkpoint before), then process 0 writes the JSON objects."""
+    primary = jax.process_index() == 0
+    if primary:
+        files.remove_tree(path)
+    _sync("save_params:start")
+    checkpointer = _checkpointer()
+    try:
+        checkpointer.save(os.path.join(path, PARAMS_DIR), args=ocp.args.StandardSave(params))
+    finally:
+        checkpointer.close()
+    if primary:
+        if config_json is not None:
+            files.write_text(os.path.join(path, CONFIG_FILE), config_json)
+        if info is not None:
+            files.write_text(
+                os.path.join(path, INFO_FILE), json.dumps(dict(info), indent=2, sort_keys=True, default=str)
+            )
+    _sync("save_params:done")
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # Read
 # --------------------------------------------------------------------------------------------
@@ -158,20 +186,13 @@ def save_params(
 
 def read_config_json(path: str) -> str | None:
     """DIR/config.json as a string, or None if the checkpoint has none."""
-    f = os.path.join(os.path.abspath(path), CONFIG_FILE)
-    if not os.path.exists(f):
-        return None
-    with open(f) as fh:
-        return fh.read()
+    return files.read_text(os.path.join(files.resolve(path), CONFIG_FILE))
 
 
 def read_info(path: str) -> dict:
     """DIR/info.json as a dict ({} if absent)."""
-    f = os.path.join(os.path.abspath(path), INFO_FILE)
-    if not os.path.exists(f):
-        return {}
-    with open(f) as fh:
-        return json.load(fh)
+    text = files.read_text(os.path.join(files.resolve(path), INFO_FILE))
+    return {} if text is None else json.loads(text)
 
 
 def stored_shapes(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from adastate_jax import files
+
 log = logging.getLogger(__name__)
 
 
@@ -145,7 +147,7 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory: str, keep: int = 3, use_async: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = files.resolve(directory)  # a local dir, or a URL (gs://...) as given
         self.keep = int(keep)
         self.use_async = bool(use_async)
         self._open()

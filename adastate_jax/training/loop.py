@@ -14,6 +14,10 @@ study can count the steps of an arm initialised from another arm's student).
 TensorBoard scalars go through tensorboardX to `WORKDIR/tb/events.out.tfevents.*`; the same metrics
 also go to `WORKDIR/metrics.jsonl`.
 
+WORKDIR may be a local directory or an object-store URL (`gs://bucket/run` on a TPU pod): orbax
+writes checkpoints and the export there, the loop's own files go through `files` (fsspec; `gcsfs`
+for gs://, tensorboardX needs `google-cloud-storage` for its event files there).
+
 Must not know: the objectives' losses, model internals or the data source's records.
 """
 
@@ -31,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adastate_jax import build
+from adastate_jax import build, files
 from adastate_jax import config as config_lib
 from adastate_jax import sharding as shd
 from adastate_jax.config import Experiment
@@ -68,7 +72,7 @@ class MetricsWriter:
 
         self.path = os.path.join(workdir, "metrics.jsonl")
         primary = _is_primary()
-        self._fh = open(self.path, "a") if primary else None
+        self._fh = files.LineLog(self.path) if primary else None
         self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30) if primary else None
 
     def write(self, step: int, metrics: dict):
@@ -76,7 +80,6 @@ class MetricsWriter:
             return
         row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         self._fh.write(json.dumps(row) + "\n")
-        self._fh.flush()
         for k, v in row.items():
             if k != "step":
                 self._tb.add_scalar(k, v, int(step))
@@ -307,15 +310,15 @@ def _bad_batch_record(run: Run, step: int, local: dict, metrics: dict, action: s
 
 def _append_jsonl(path: str, row: dict) -> None:
     if _is_primary():
-        with open(path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        files.append_line(path, json.dumps(row))
 
 
 def _stopped_at(path: str, step: int) -> dict | None:
     """The `bad_batches.jsonl` entry of a run that stopped on a non-finite batch at `step`."""
-    if not os.path.exists(path):
+    text = files.read_text(path)
+    if text is None:
         return None
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     stopped = [r for r in rows if r.get("action") == "stopped" and r.get("step") == step]
     return stopped[-1] if stopped else None
 
@@ -332,15 +335,14 @@ def train(cfg, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict
     also appended to WORKDIR/bad_batches.jsonl); a re-run resumes after that batch and says so. With
     'skip' the step is skipped, the batch logged to WORKDIR/bad_batches.jsonl, and training goes on.
     """
-    workdir = os.path.abspath(workdir)
+    workdir = files.resolve(workdir)  # a local dir, or a URL (gs://bucket/run): orbax writes there
     if _is_primary():
-        os.makedirs(workdir, exist_ok=True)
+        files.make_dirs(workdir)
     run = setup(cfg, workdir, mesh)
     tc = run.exp.train
     config_json = config_lib.to_json(cfg)
     if _is_primary():
-        with open(os.path.join(workdir, "config.json"), "w") as fh:
-            fh.write(config_json)
+        files.write_text(os.path.join(workdir, "config.json"), config_json)
     say(f"workdir {workdir}")
     say(
         f"objective {tc.objective}; mesh {dict(run.mesh.shape)} over {jax.device_count()} devices "
@@ -398,7 +400,7 @@ def train(cfg, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict
         writer = MetricsWriter(workdir)
         order_fh = None
         if tc.log_data_order and _is_primary():
-            order_fh = open(os.path.join(workdir, "data_order.jsonl"), "a")
+            order_fh = files.LineLog(os.path.join(workdir, "data_order.jsonl"))
         frames = int(run.objective.frames_per_example({k: v.shape for k, v in local.items()}))
         signals = _Signals()
         signals.install()
@@ -413,7 +415,6 @@ def train(cfg, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict
                     order_fh.write(
                         json.dumps({"step": step, "index": [int(i) for i in local["index"]]}) + "\n"
                     )
-                    order_fh.flush()
                 if step == tc.inject_nan_at and not injected:  # testing hook of the non-finite guard
                     key = "latents" if "latents" in batch else "video"  # 'vae' trains on pixels
                     batch = dict(batch, **{key: batch[key] * jnp.nan})
