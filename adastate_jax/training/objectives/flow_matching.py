@@ -12,6 +12,11 @@ Layouts (`config.train.attention`):
                      c sees the clean frames of earlier chunks (optionally only a window + sink, the
                      streaming layout of `config.stream`) and itself. Loss on the noisy half only.
 
+Prompt dropout (`config.train.text_dropout`, default 0): each example's prompt embeddings are
+replaced by zeros with that probability, the unconditional input that classifier-free guidance
+contrasts with (`Streamer`'s default `negative`, the ODE-init / DMD teacher with
+`teacher_guidance` > 1).
+
 Must not know: data pipelines, files, meshes, checkpoints.
 """
 
@@ -90,6 +95,14 @@ def clip_forward(graphdef, params, x, t, text, layout: ClipLayout, clean=None) -
     t_in = jnp.concatenate([jnp.full_like(t, layout.context_noise), t], axis=1)  # [B, 2F]
     out = wan.forward(graphdef, params, x_in, t_in, text, jnp.concatenate([pos, pos]), None, mask)
     return out.velocity[:, f:]
+
+
+def drop_text(key, text: jax.Array, rate: float) -> jax.Array:
+    """text [B, T, D] with each example's embeddings zeroed with probability `rate` (0: unchanged)."""
+    if rate <= 0.0:
+        return text
+    keep = jax.random.bernoulli(key, 1.0 - rate, (text.shape[0],))  # [B]
+    return jnp.where(keep[:, None, None], text, jnp.zeros_like(text))
 
 
 def flow_matching_loss(
@@ -246,10 +259,16 @@ class FlowMatching(SingleModelObjective):
             context_noise=float(cfg.sampler.context_noise),
         )
         self.t_sampling = str(tc.t_sampling)
+        self.text_dropout = float(tc.get("text_dropout", 0.0))
+        if not 0.0 <= self.text_dropout <= 1.0:
+            raise ValueError(f"config.train.text_dropout={self.text_dropout} must be in [0, 1]")
 
     def loss(self, params, frozen, batch, key):
         x0 = batch["latents"].astype(jnp.float32)  # [B, F, h, w, C]
         text = batch_text(self.text_graphdef, frozen, batch)  # [B, T, D]
+        if self.text_dropout > 0.0:  # split only then: runs without dropout keep their noise draws
+            key, k_drop = jax.random.split(key)
+            text = drop_text(k_drop, text, self.text_dropout)
         return flow_matching_loss(
             self.graphdef, params, x0, text, key, self.layout, self.t_sampling, jnp.asarray(self.table)
         )
