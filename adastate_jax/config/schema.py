@@ -166,10 +166,15 @@ class _FlowMatchingTrain:
     # absolute time (`streaming.anchors.clip_policy`)
     tf_window: int = -1
     tf_sink: int = 0
+    # prompt dropout of teacher training: each example's prompt embeddings zeroed with this
+    # probability (the unconditional input of classifier-free guidance); 0 keeps the noise draws
+    text_dropout: float = 0.0
 
     def _check_flow_matching(self):
         _choice("train.attention", self.attention, ATTENTION_LAYOUTS)
         _choice("train.t_sampling", self.t_sampling, T_SAMPLING)
+        if not 0.0 <= self.text_dropout <= 1.0:
+            raise _bad("train.text_dropout", f"must be in [0, 1], got {self.text_dropout}")
         if self.tf_sink < 0:
             raise _bad("train.tf_sink", f"must be >= 0, got {self.tf_sink}")
 

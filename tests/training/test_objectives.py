@@ -140,3 +140,59 @@ def test_ode_init_refuses_a_teacher_forcing_trajectory_layout():
     cfg.train.teacher_attention = "teacher_forcing"
     with pytest.raises(ValueError, match="config.train.teacher_attention='teacher_forcing'"):
         OdeInit(config_lib.parse(cfg))
+
+
+def test_drop_text_zeroes_whole_prompts_with_the_given_probability():
+    from adastate_jax.training.objectives.flow_matching import drop_text
+
+    text = jax.numpy.ones((2000, 4, 3))
+    dropped = np.asarray(drop_text(jax.random.key(0), text, 0.3))
+    per_example = dropped.reshape(2000, -1)
+    assert set(np.unique(per_example.min(1))) == {0.0, 1.0}  # an example keeps all or nothing
+    assert np.array_equal(per_example.min(1), per_example.max(1))
+    assert abs((per_example[:, 0] == 0).mean() - 0.3) < 0.04
+    assert drop_text(jax.random.key(0), text, 0.0) is text  # rate 0: untouched
+
+
+def test_text_dropout_one_trains_on_zero_prompts():
+    """With text_dropout=1 the objective's loss is the loss on zero prompt embeddings (what
+    classifier-free guidance uses as the unconditional input), not the loss on the batch's prompts."""
+    import jax.numpy as jnp
+
+    from adastate_jax.training.objectives import flow_matching as fm
+
+    cfg = panworld_config("teacher", text_dropout=1.0)
+    cfg.model.zero_init_head = False  # a head that reads the prompt: the two reference losses differ
+    from adastate_jax import config as config_lib
+
+    obj = fm.FlowMatching(config_lib.parse(cfg))
+    state = obj.init_state(jax.random.key(0), {})
+    rng = np.random.default_rng(0)
+    batch = {
+        "latents": jnp.asarray(rng.standard_normal((2, 3, 4, 4, 48)), jnp.float32),
+        "prompt_ids": jnp.asarray([[1, 2, 3, 0], [4, 0, 0, 0]], jnp.int32),
+    }
+    key = jax.random.key(3)
+    text = fm.batch_text(obj.text_graphdef, state.frozen, batch)  # [B, T, D]
+    key_loss, _ = jax.random.split(key)  # the split the objective makes when text_dropout > 0
+
+    @jax.jit
+    def ref(t):
+        x0, table = batch["latents"], jnp.asarray(obj.table)
+        return fm.flow_matching_loss(
+            obj.graphdef, state.params, x0, t, key_loss, obj.layout, obj.t_sampling, table
+        )[0]
+
+    got = float(jax.jit(obj.loss)(state.params, state.frozen, batch, key)[0])
+    assert np.isclose(got, float(ref(jnp.zeros_like(text))), rtol=1e-6)
+    assert abs(got - float(ref(text))) > 1e-5 * abs(got)  # the prompt matters to this model
+
+
+def test_text_dropout_outside_unit_interval_is_refused():
+    from adastate_jax.training.objectives import flow_matching as fm
+
+    from adastate_jax import config as config_lib
+
+    cfg = panworld_config("teacher", text_dropout=1.5)
+    with pytest.raises(ValueError, match="config.train.text_dropout"):
+        fm.FlowMatching(config_lib.parse(cfg))

@@ -18,6 +18,11 @@ streaming policy (the clip policy of tf_window / tf_sink at absolute time, or a 
 `config.stream`) and `streaming.anchors.clip_layout` derives the mask and positions from the
 commit bookkeeping `Streamer.step` runs (see its docstring for the refusals).
 
+Prompt dropout (`config.train.text_dropout`, default 0): each example's prompt embeddings are
+replaced by zeros with that probability, the unconditional input that classifier-free guidance
+contrasts with (`Streamer`'s default `negative`, the ODE-init / DMD teacher with
+`teacher_guidance` > 1).
+
 Must not know: data pipelines, files, meshes, checkpoints.
 """
 
@@ -143,6 +148,14 @@ def clip_forward(graphdef, params, x, t, text, layout: ClipLayout, clean=None) -
         graphdef, params, x, t, text, frames.positions, None, frames.mask, key_pos=frames.key_positions
     )
     return out.velocity[:, -f:]
+
+
+def drop_text(key, text: jax.Array, rate: float) -> jax.Array:
+    """text [B, T, D] with each example's embeddings zeroed with probability `rate` (0: unchanged)."""
+    if rate <= 0.0:
+        return text
+    keep = jax.random.bernoulli(key, 1.0 - rate, (text.shape[0],))  # [B]
+    return jnp.where(keep[:, None, None], text, jnp.zeros_like(text))
 
 
 def flow_matching_loss(
@@ -276,10 +289,14 @@ class FlowMatching(SingleModelObjective):
         tc = exp.train
         self.layout = teacher_layout(exp, tc.attention)
         self.t_sampling = tc.t_sampling
+        self.text_dropout = tc.text_dropout
 
     def loss(self, params, frozen, batch, key):
         x0 = batch["latents"].astype(jnp.float32)  # [B, F, h, w, C]
         text = batch_text(self.text_graphdef, frozen, batch)  # [B, T, D]
+        if self.text_dropout > 0.0:  # split only then: runs without dropout keep their noise draws
+            key, k_drop = jax.random.split(key)
+            text = drop_text(k_drop, text, self.text_dropout)
         return flow_matching_loss(
             self.graphdef, params, x0, text, key, self.layout, self.t_sampling, jnp.asarray(self.table)
         )
