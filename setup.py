@@ -26,6 +26,7 @@ setup(
         "absl-py>=2.1,<3",
         "matplotlib>=3.8,<4",
         "scipy>=1.15,<2",  # bootstrap intervals (scipy.stats.bootstrap with rng=)
+        "fsspec>=2024.6",  # gs:// (or any fsspec URL) workdirs beside orbax: files.py
     ],
     extras_require={
         # The parity oracles: diffusers / transformers modules run on CPU from tiny random configs.
@@ -46,6 +47,9 @@ setup(
             "nbformat>=5.9",
             "ipykernel>=6.29",
         ],
+        # libtpu at the installed jax's version: compile for TPU slices without a TPU
+        # (launch/compile_tpu.py, tests/test_tpu_compile.py); on a TPU VM, the TPU runtime itself
+        "tpu": ["jax[tpu]>=0.10,<0.13"],
         "video": [
             "mediapy>=1.2",
             "imageio>=2.34",

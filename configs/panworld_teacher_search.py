@@ -1,9 +1,15 @@
 """PanWorld teacher search (issue 10, item 3): teachers that follow camera prompts over a whole
 21-latent-frame clip (7 chunks of 3).
 
-`--config=configs/panworld_teacher_search.py:<recipe>[,<anchor>]`, e.g.
+`--config=configs/panworld_teacher_search.py:<recipe>[,<stage>][,<anchor>]`, e.g.
   python launch/train.py --config=configs/panworld_teacher_search.py:tf21 --workdir=RUN
   python launch/evaluate.py --config=configs/panworld_teacher_search.py:tf21 --checkpoints=full:RUN/export ...
+  python launch/train.py --config=configs/panworld_teacher_search.py:df21_w256,dmd,sink \
+      --config.train.teacher_path=TEACHER/export --config.train.init_from=ODE/export --workdir=RUN
+
+A stage (`ode`, `dmd`: `configs/panworld.py`'s student stages) builds the students of a recipe's
+teacher: that stage's objective, steps and learning rates, with the recipe's model shape and
+21-frame clips, and the recipe's layout as the teacher's (`train.teacher_attention`).
 
 Every recipe starts from `configs/panworld.py:teacher` (PanWorld 32x32 frames, PatchCodec patch 4
 -> 8x8x48 latents, the word encoder, flow matching) and changes only what its entry in RECIPES
@@ -19,6 +25,7 @@ import ml_collections
 from adastate_jax.config import defaults
 
 CLIP_FRAMES = 21  # 7 chunks of 3 latent frames: the paper's training horizon
+STUDENT_STAGES = ("ode", "dmd")
 
 
 def load_panworld():
@@ -83,15 +90,27 @@ def get_config(arg=None):
         raise ValueError(
             f"configs/panworld_teacher_search.py: give exactly one recipe of {sorted(RECIPES)}, got {tokens}"
         )
-    rest = ",".join(t for t in tokens if t not in RECIPES)
-    config = load_panworld().get_config("teacher")
+    panworld = load_panworld()
+    stages = [t for t in tokens if t in STUDENT_STAGES]
+    rest = ",".join(t for t in tokens if t not in RECIPES and t not in STUDENT_STAGES)
+    if len(stages) > 1:
+        raise ValueError(f"configs/panworld_teacher_search.py: give one stage of {STUDENT_STAGES}, got {stages}")
+    config = panworld.get_config(stages[0] if stages else "teacher")
     config.data.panworld.num_frames = CLIP_FRAMES
     config.data.video.num_frames = CLIP_FRAMES
     config.stream.max_frames = CLIP_FRAMES
     config.stream.sink_frames = 1  # students' budget: anchor 1 + window 3 = 4 cached latent frames
-    config.train.init_from = ""
-    for field, value in RECIPES[recipes[0]].items():
-        _set(config, field, value)
+    recipe = RECIPES[recipes[0]]
+    if not stages:
+        config.train.init_from = ""
+        for field, value in recipe.items():
+            _set(config, field, value)
+        return defaults.apply_variants(config, rest)
+    for field, value in recipe.items():  # a student: the teacher's shape, its layout as the teacher's
+        if field.startswith("model."):
+            _set(config, field, value)
+        elif field == "train.attention":
+            config.train.teacher_attention = value
     return defaults.apply_variants(config, rest)
 
 

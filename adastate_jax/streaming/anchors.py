@@ -64,6 +64,7 @@ Must not know: the model internals, sampler or optimisers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 from typing import NamedTuple
@@ -403,8 +404,21 @@ def context_schedule(sc: StreamConfig, num_chunks: int) -> tuple[ChunkContext, .
     Replays `commit` on a carry of identity latents (1 layer, 1 token, zero keys/values), with the
     first_chunk='noise' state written as `Streamer.init_carry` writes it.
     """
-    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
-        return _replay(sc, int(num_chunks))
+    return _schedule(sc, int(num_chunks))
+
+
+@functools.lru_cache(maxsize=256)
+def _schedule(sc: StreamConfig, n: int) -> tuple[ChunkContext, ...]:
+    """The replay, eager on the host CPU in a worker thread: jax's trace state and ambient mesh are
+    per thread, so a caller tracing under `jax.jit` and a mesh of other devices (an abstract TPU
+    slice's, `tpu_compile`) gets the same host-side answer. Cached: a pure function of its inputs."""
+
+    def run():
+        with jax.default_device(jax.devices("cpu")[0]):
+            return _replay(sc, n)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result()
 
 
 def _replay(sc: StreamConfig, n: int) -> tuple[ChunkContext, ...]:

@@ -32,7 +32,8 @@ def _cfg(**train):
     tc = dict(steps=40, lr=3e-3, warmup=0, b1=0.9, b2=0.99, grad_clip=1.0, ema=0.0, kl_weight=1e-4)
     tc.update(train)
     return ml_collections.ConfigDict(
-        dict(seed=0, vae=dict(kind="wan", config=dict(TINY)), train=dict(objective="vae", **tc))
+        # config.model is the DiT's (unused by the 'vae' objective; its defaults)
+        dict(seed=0, model=dict(), vae=dict(kind="wan", wan=dict(TINY)), train=dict(objective="vae", **tc))
     )
 
 
@@ -94,7 +95,7 @@ def test_kl_term():
 def test_export_reloads(trained, tmp_path):
     obj, state, _, batch = trained
     path = str(tmp_path / "export")
-    cfg_json = json_of(obj.cfg)
+    cfg_json = json_of(_cfg())  # what the loop exports beside the params: the run's config
     checkpoint_io.save_params(path, obj.export_params(state), cfg_json)
     vae_cfg, graphdef, params = vae_obj.load_exported_vae(path)  # config from the export's config.json
     assert vae_cfg == obj.vae_cfg
@@ -128,8 +129,9 @@ def test_panworld_pipeline_passes_pixels_with_codec_none():
 
     cfg = ml_collections.ConfigDict(
         dict(
+            model=dict(),
             train=dict(batch_size=2),
-            vae=dict(kind="wan", config={}),
+            vae=dict(kind="wan", wan={}),
             data=dict(
                 source="panworld",
                 codec="none",
