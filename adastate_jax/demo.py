@@ -133,17 +133,24 @@ def load_student(anchor: str = "adastate", root: str | None = None, allow_random
     return Student(name, exp, dit)
 
 
+def shipped_policies(root: str | None = None) -> list[str]:
+    """The anchor policies with a shipped student, in `POLICIES` order."""
+    students = {m["anchor"] for m in shipped.manifests(root).values() if m["role"] == "student"}
+    return [p for p in POLICIES if p in students]
+
+
 def load_students(
-    policies: Sequence[str] = POLICIES, root: str | None = None, allow_random: bool = True
+    policies: Sequence[str] | None = None, root: str | None = None, allow_random: bool = True
 ) -> list[Student]:
-    """The shipped student of every policy (or, with none shipped, random tiny ones)."""
+    """The shipped student of every policy in `policies` (default: every policy with one), or, with
+    none shipped, random tiny ones (default: all five policies)."""
     if not shipped.available(root) and allow_random:
         warnings.warn(
             f"no shipped models in {shipped.root_dir(root)}: using untrained random tiny models (noise)",
             stacklevel=2,
         )
-        return random_students(tiny_experiment(), policies)
-    return [load_student(p, root, allow_random=False) for p in policies]
+        return random_students(tiny_experiment(), list(policies or POLICIES))
+    return [load_student(p, root, allow_random=False) for p in (policies or shipped_policies(root))]
 
 
 # --------------------------------------------------------------------------------------------

@@ -94,7 +94,9 @@ def get_config(arg=None):
     stages = [t for t in tokens if t in STUDENT_STAGES]
     rest = ",".join(t for t in tokens if t not in RECIPES and t not in STUDENT_STAGES)
     if len(stages) > 1:
-        raise ValueError(f"configs/panworld_teacher_search.py: give one stage of {STUDENT_STAGES}, got {stages}")
+        raise ValueError(
+            f"configs/panworld_teacher_search.py: give one stage of {STUDENT_STAGES}, got {stages}"
+        )
     config = panworld.get_config(stages[0] if stages else "teacher")
     config.data.panworld.num_frames = CLIP_FRAMES
     config.data.video.num_frames = CLIP_FRAMES

@@ -13,8 +13,8 @@ Mesh: `fsdp=-1` (parameters, optimiser and EMA sharded over every device; 1.3B x
 `--config.mesh.data=8 --config.mesh.fsdp=-1`. Global batch 64 (Self-Forcing); every layer is
 rematerialised (`model.remat='full'`) and training masks go through the block-sparse attention
 path (`model.attention_blocks`), cuDNN flash attention on GPUs (`model.attention='cudnn'`; on TPU
-the splash kernel, 'splash': `configs/wan_1_3b_tpu.py`). `launch/benchmark_train.py` measures a step of any stage of this file on the
-machine at hand (synthetic batches, random weights).
+the splash kernel, 'splash': `configs/wan_1_3b_tpu.py`). `launch/benchmark_train.py` measures a
+step of any stage of this file on the machine at hand (synthetic batches, random weights).
 """
 
 from adastate_jax.config import defaults

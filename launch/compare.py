@@ -22,7 +22,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adastate_jax import demo  # noqa: E402
+from adastate_jax import demo, shipped  # noqa: E402
 from adastate_jax.config import cli  # noqa: E402
 from adastate_jax.streaming.anchors import POLICIES  # noqa: E402
 
@@ -32,7 +32,11 @@ flags.DEFINE_string("prompt", "pan right fast", "A PanWorld camera prompt.")
 flags.DEFINE_integer("seed", 0, "Sampling seed, the same for every policy.")
 flags.DEFINE_integer("num_chunks", 42, "Chunks to stream (the training horizon is --horizon_chunks).")
 flags.DEFINE_integer("horizon_chunks", 7, "The training horizon in chunks (a dotted line in the plot).")
-flags.DEFINE_list("policies", list(POLICIES), "Anchor policies to compare, in this order.")
+flags.DEFINE_list(
+    "policies",
+    [],
+    "Anchor policies to compare, in this order (default: all five with --random, else every shipped one).",
+)
 flags.DEFINE_string("root", "", "Shipped models (default: checkpoints/panworld of this repository).")
 flags.DEFINE_string("out", "outputs/compare.gif", "Video path; written as .gif and .mp4.")
 flags.DEFINE_float("fps", 8.0, "Frames per second of the video.")
@@ -45,18 +49,20 @@ def main(argv):
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments {argv[1:]}")
     unknown = [p for p in FLAGS.policies if p not in POLICIES]
-    if unknown or not FLAGS.policies:
+    if unknown:
         raise ValueError(f"--policies={FLAGS.policies}: choose from {POLICIES}")
     if FLAGS.num_chunks < 1:
         raise ValueError(f"--num_chunks must be >= 1, got {FLAGS.num_chunks}")
     if FLAGS.random:
         _, exp = cli.experiment(_CONFIG)
         demo.check_prompt(FLAGS.prompt, exp)
-        students = demo.random_students(exp, FLAGS.policies, seed=exp.seed)
+        students = demo.random_students(exp, FLAGS.policies or list(POLICIES), seed=exp.seed)
         print("untrained random models: the videos are noise")
     else:
         demo.check_prompt(FLAGS.prompt)
-        students = demo.load_students(FLAGS.policies, FLAGS.root or None, allow_random=False)
+        students = demo.load_students(FLAGS.policies or None, FLAGS.root or None, allow_random=False)
+        if not students:
+            raise ValueError(f"no shipped students in {shipped.root_dir(FLAGS.root or None)}")
         print("shipped students: " + ", ".join(f"{s.name} ({s.dit.source})" for s in students))
     comparison = demo.compare(
         students,

@@ -1,45 +1,52 @@
 #!/usr/bin/env bash
-# The shipped PanWorld models (checkpoints/panworld/), stage by stage: the df21_w256 teacher of
-# configs/panworld_teacher_search.py -> ODE init (a window student) -> self-forcing DMD of the
-# window / sink / ema_sink / full students from the ODE init -> the adastate student from the
-# window student (the paper's path) -> evaluation of all of them -> ship.
+# The shipped PanWorld models (checkpoints/panworld/), stage by stage, on the recipe of
+# configs/panworld.py (README "Training"): the diffusion-forcing teacher -> its teacher-forcing
+# fine-tune (teacher_tf, the teacher the students learn from) -> ODE init (a window student) ->
+# self-forcing DMD (teacher and critic scoring in teacher-forcing mode) of the window / sink /
+# ema_sink / full students from the ODE init -> the adastate student from the window student (the
+# paper's path) -> evaluation of all of them -> ship.
 #
 #   bash launch/panworld_models.sh RUN_DIR [STAGE ...]     # run (or resume) everything, or some stages
-#   STAGES: teacher ode dmd_window dmd_sink dmd_ema_sink dmd_full dmd_adastate eval ship
+#   STAGES: teacher teacher_tf ode dmd_window dmd_sink dmd_ema_sink dmd_full dmd_adastate eval ship
 #
 # Re-running skips every stage whose export exists (launch/train.py resumes a killed stage from its
-# checkpoints). Steps per stage: TEACHER_STEPS, ODE_STEPS, DMD_STEPS (environment; defaults below);
+# checkpoints). Steps per stage: the config's, or TEACHER_STEPS, TF_STEPS, ODE_STEPS, DMD_STEPS;
 # EVAL_FLAGS adds launch/evaluate.py flags. Run from the repository root; RUN_DIR is best relative.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:?usage: bash launch/panworld_models.sh RUN_DIR [STAGE ...]}
 shift
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(teacher ode dmd_window dmd_sink dmd_ema_sink dmd_full dmd_adastate eval ship)
-CFG=configs/panworld_teacher_search.py:df21_w256
-TEACHER_STEPS=${TEACHER_STEPS:-1200}
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(teacher teacher_tf ode dmd_window dmd_sink dmd_ema_sink dmd_full dmd_adastate eval ship)
+CFG=configs/panworld.py
+TEACHER_STEPS=${TEACHER_STEPS:-2500}
+TF_STEPS=${TF_STEPS:-1000}
 ODE_STEPS=${ODE_STEPS:-200}
 DMD_STEPS=${DMD_STEPS:-100}
+TEACHER=$RUN/teacher_tf/export  # the students' teacher
 mkdir -p "$RUN"
 
-train() {  # train NAME CONFIG_ARGS FLAGS...: launch/train.py into RUN/NAME unless RUN/NAME/export exists
-  local name=$1 args=$2; shift 2
+train() {  # train NAME CONFIG_ARG FLAGS...: launch/train.py into RUN/NAME unless RUN/NAME/export exists
+  local name=$1 arg=$2; shift 2
   if [ -f "$RUN/$name/export/info.json" ]; then echo "[models] $name: done ($RUN/$name/export)"; return; fi
-  echo "[models] $name: python launch/train.py --config=$CFG$args $* --workdir=$RUN/$name"
-  python launch/train.py --config="$CFG$args" "$@" --workdir="$RUN/$name"
+  local cmd=(python launch/train.py --config="$CFG:$arg" "$@" --workdir="$RUN/$name")
+  echo "[models] $name: ${cmd[*]}"
+  mkdir -p "$RUN/$name" && echo "${cmd[*]}" > "$RUN/$name/command.txt"
+  "${cmd[@]}"
 }
 
 dmd() {  # dmd POLICY INIT_DIR [FLAGS...]
   local policy=$1 init=$2; shift 2
-  train "dmd_$policy" ",dmd,$policy" --config.train.steps="$DMD_STEPS" \
-    --config.train.teacher_path="$RUN/teacher/export" --config.train.init_from="$init" "$@"
+  train "dmd_$policy" "dmd,$policy" --config.train.steps="$DMD_STEPS" --config.train.teacher_path="$TEACHER" \
+    --config.train.teacher_attention=teacher_forcing --config.train.init_from="$init" "$@"
 }
 
 for stage in "${STAGES[@]}"; do
   case $stage in
-    teacher) train teacher "" --config.train.steps="$TEACHER_STEPS" ;;
-    ode) train ode ",ode" --config.train.steps="$ODE_STEPS" \
-      --config.train.teacher_path="$RUN/teacher/export" --config.train.init_from="$RUN/teacher/export" ;;
+    teacher) train teacher teacher --config.train.steps="$TEACHER_STEPS" ;;
+    teacher_tf) train teacher_tf teacher_tf --config.train.steps="$TF_STEPS" --config.train.init_from="$RUN/teacher/export" ;;
+    ode) train ode ode --config.train.steps="$ODE_STEPS" --config.train.teacher_path="$TEACHER" \
+      --config.train.init_from="$TEACHER" ;;
     dmd_window | dmd_sink | dmd_ema_sink | dmd_full) dmd "${stage#dmd_}" "$RUN/ode/export" ;;
     dmd_adastate) dmd adastate "$RUN/dmd_window/export" --config.train.init_policy=window ;;
     eval)
@@ -48,13 +55,18 @@ import json, os, sys
 run = sys.argv[1]
 arms = [a for a in ("window", "sink", "ema_sink", "full", "adastate") if os.path.exists(f"{run}/dmd_{a}/export/info.json")]
 spec = {"checkpoints": [{"arm": a, "path": f"dmd_{a}/export", "train_seed": 0} for a in arms]}
+if "ema_sink" not in arms and "sink" in arms:
+    # configs/panworld.py trains on 9-frame clips (3 chunks): nothing is evicted, so an ema_sink
+    # student trains bit for bit as the sink student does (README "Training"): stream that one
+    spec["checkpoints"].append({"arm": "ema_sink", "path": "dmd_sink/export", "train_seed": 0})
+    arms.append("ema_sink (the sink student)")
 with open(f"{run}/models.json", "w") as fh:
     json.dump(spec, fh, indent=1)
 print(f"[models] {run}/models.json: {arms}")
 PY
       # shellcheck disable=SC2086
-      python launch/evaluate.py --config="$CFG,dmd" --checkpoints="$RUN/models.json" \
-        --horizon_chunks=7 --horizons=1,2,6 --clips_per_label=1 --seeds=0,1 --out_dir="$RUN/eval" ${EVAL_FLAGS:-} ;;
+      python launch/evaluate.py --config="$CFG:dmd" --checkpoints="$RUN/models.json" \
+        --horizon_chunks=7 --horizons=1,2,6 --seeds=0,1,2 --out_dir="$RUN/eval" ${EVAL_FLAGS:-} ;;
     ship) python launch/ship_models.py --from="$RUN" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

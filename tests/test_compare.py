@@ -50,4 +50,6 @@ def test_compare_refuses_bad_policy_and_missing_models(tmp_path):
     r = _run("--random", "--policies=window,sinc", cwd=str(tmp_path))
     assert r.returncode != 0 and "--policies=" in r.stderr
     r = _run(f"--root={tmp_path / 'none'}", "--num_chunks=1", cwd=str(tmp_path))
+    assert r.returncode != 0 and "no shipped students in" in r.stderr
+    r = _run(f"--root={tmp_path / 'none'}", "--policies=window", "--num_chunks=1", cwd=str(tmp_path))
     assert r.returncode != 0 and "no shipped student for anchor 'window'" in r.stderr

@@ -214,7 +214,8 @@ def write_rollout(
     it arrives (see the module docstring). `stop`: anything whose truth means "stop after this
     segment" (e.g. `writers.GracefulStop`). `on_chunk(chunk, latency_s)` is called per chunk
     written (a progress bar); `on_frames(chunk, frames [T, H, W, 3])` gets each chunk's decoded
-    pixels as they are written (lead frames dropped; only with a decoder), e.g. a camera tracker. Every file is finalised on return, on a stop and on an exception.
+    pixels as they are written (lead frames dropped; only with a decoder), e.g. a camera tracker.
+    Every file is finalised on return, on a stop and on an exception.
 
     Returns {num_chunks, video_frames, state_frames, first_segment_s, latency (chunks after the
     first segment: `RunningStats.as_dict`), elapsed_s}."""

@@ -189,9 +189,8 @@ def test_text_dropout_one_trains_on_zero_prompts():
 
 
 def test_text_dropout_outside_unit_interval_is_refused():
-    from adastate_jax.training.objectives import flow_matching as fm
-
     from adastate_jax import config as config_lib
+    from adastate_jax.training.objectives import flow_matching as fm
 
     cfg = panworld_config("teacher", text_dropout=1.5)
     with pytest.raises(ValueError, match="config.train.text_dropout"):
