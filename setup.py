@@ -27,6 +27,7 @@ setup(
         "matplotlib>=3.8,<4",
         "scipy>=1.15,<2",  # bootstrap intervals (scipy.stats.bootstrap with rng=)
         "fsspec>=2024.6",  # gs:// (or any fsspec URL) workdirs beside orbax: files.py
+        "tensorboardX>=2.6",  # TensorBoard scalars of training runs (training/loop.py)
     ],
     extras_require={
         # The parity oracles: diffusers / transformers modules run on CPU from tiny random configs.
