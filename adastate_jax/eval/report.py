@@ -46,7 +46,7 @@ _ABSOLUTE = re.compile(r"(?<![\w.~])/[\w.+\-/]+")
 
 def portable(text: str, base: str | None = None) -> str:
     """`text` with every absolute path rewritten relative to `base` (default: the working
-    directory), e.g. '--out=/home/u/repo/runs/x' -> '--out=runs/x' when run from /home/u/repo."""
+    directory), e.g. '--out=<cwd>/runs/x' -> '--out=runs/x'."""
     base = os.path.abspath(base or os.getcwd())
 
     def rel(m):
