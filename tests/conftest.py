@@ -1,5 +1,6 @@
-"""Test set-up: 8 fake CPU devices for sharding tests, offline hubs, absl flags parsed (grain), a
-persistent compilation cache, and libtpu kept quiet.
+"""Test set-up: 8 fake CPU devices for sharding tests, fast-compiling XLA flags
+(`tests/subproc.py`), offline hubs, absl flags parsed (grain), a persistent compilation cache, and
+libtpu kept quiet. Programs the tests start get the same through `subproc.child_env`.
 
 - `JAX_PLATFORMS=cpu`: with libtpu installed (the `tpu` extra, for ahead-of-time TPU compiles) jax
   would otherwise try to open a TPU at start-up; topologies for AOT compiles work without it.
@@ -11,15 +12,17 @@ persistent compilation cache, and libtpu kept quiet.
 
 import os
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import subproc
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+REPO = subproc.REPO
+
+os.environ.setdefault("XLA_FLAGS", subproc.xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_compilation_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", subproc.CACHE_DIR)
 
 import jax  # noqa: E402
 from absl import flags  # noqa: E402

@@ -10,6 +10,8 @@ import sys
 
 import numpy as np
 
+from tests.subproc import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "benchmark.py")
 COLUMNS = [
@@ -29,8 +31,7 @@ COLUMNS = [
 
 
 def _run(args, timeout=180):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = child_env()
     return subprocess.run(
         [sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )

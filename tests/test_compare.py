@@ -8,11 +8,13 @@ import sys
 import imageio.v2 as imageio
 import numpy as np
 
+from tests.subproc import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, cwd):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO)
+    env = child_env()
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "launch", "compare.py"), *args],
         capture_output=True,

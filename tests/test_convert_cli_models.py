@@ -16,11 +16,13 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 
+from tests.subproc import child_env  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = child_env()
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "launch", "convert.py"), *args],
         capture_output=True,

@@ -9,6 +9,7 @@ import pytest
 
 from adastate_jax import demo, shipped
 from adastate_jax.streaming.anchors import POLICIES
+from tests.subproc import child_env
 from tests.test_shipped import make_tiny_models
 
 nbformat = pytest.importorskip("nbformat", reason="the test extra installs nbformat")
@@ -47,7 +48,9 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv(shipped.ROOT_ENV, root)
     monkeypatch.setenv("ADASTATE_DEMO_CHUNKS", "2")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", "")
+    for name, value in child_env().items():  # the kernel: one CPU device, the suite's compile flags
+        if name != "PYTHONPATH":
+            monkeypatch.setenv(name, value)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     for name in ("ADASTATE_WAN_WEIGHTS", "ADASTATE_WAN_VAE", "ADASTATE_UMT5", "ADASTATE_UMT5_TOKENIZER"):
         monkeypatch.delenv(name, raising=False)

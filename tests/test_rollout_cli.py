@@ -17,6 +17,7 @@ from adastate_jax import build
 from adastate_jax import config as config_lib
 from adastate_jax.config import cli
 from adastate_jax.streaming import writers
+from tests.subproc import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("imageio_ffmpeg")
@@ -27,7 +28,7 @@ COMMON = ["--random", "--instrument", "--show_state", "--prompt=pan right fast",
 
 @pytest.fixture(scope="module")
 def env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device
+    return child_env()  # one CPU device
 
 
 def _cmd(*args):

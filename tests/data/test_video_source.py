@@ -21,6 +21,7 @@ from adastate_jax import build  # noqa: E402
 from adastate_jax.config import parse  # noqa: E402
 from adastate_jax.data import latents, panworld, pipeline, records, video_source  # noqa: E402
 from adastate_jax.models.vae import PatchCodec  # noqa: E402
+from tests.subproc import child_env  # noqa: E402
 from tests.training.conftest_helpers import REPO, one_device_mesh, panworld_config  # noqa: E402
 
 H264_TOL = 3 / 127.5  # float units: the H.264 (yuv444p, crf 0) round trip is off by <= 2 levels
@@ -446,8 +447,7 @@ def test_command_line_writes_shards_and_caption_embeddings(videos, tmp_path):
         "--config.data.video.num_frames=6", "--config.data.video.clip_stride=6",
         f"--out={out}", f"--embeddings_out={emb}", "--shard_size=2", "--batch_size=2", "--max_clips=3",
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env = child_env()  # one CPU device
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     shards = (out / "paths.txt").read_text().split()

@@ -18,6 +18,7 @@ from adastate_jax import config as config_lib
 from adastate_jax.config import cli
 from adastate_jax.data import panworld
 from adastate_jax.eval import arms, harness, report
+from tests.subproc import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METRICS = ["progression", "pull", "return", "dd_dis", "flicker", "code_conf", "conf_drift", "psnr", "ssim"]
@@ -273,8 +274,7 @@ def test_aggregate_rows_per_training_seed_and_pooled():
 
 
 def test_cli_smoke_writes_tables_and_plots_without_absolute_paths(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user would run it
+    env = child_env()  # one CPU device, as a user would run it
     out = tmp_path / "eval"
     args = [
         "--arms=window",

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.subproc import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -19,7 +21,7 @@ def _free_port():
 
 def _launch_pair(workdir, steps):
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = child_env(1)
     procs = []
     for i in range(2):
         cmd = [

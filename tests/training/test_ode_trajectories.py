@@ -31,6 +31,8 @@ from tests.training.conftest_helpers import REPO, one_device_mesh, panworld_conf
 pytest.importorskip("array_record")
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter  # noqa: E402
 
+from tests.subproc import child_env
+
 NUM_CLIPS, PER_FILE, SEED = 6, 4, 7
 
 
@@ -277,8 +279,7 @@ def test_command_line_resumes_the_directory_the_library_wrote(stored, teacher, t
         f"--out_dir={out}", f"--num_clips={NUM_CLIPS}", f"--clips_per_file={PER_FILE}",
         "--batch_size=2", f"--noise_seed={SEED}",
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env = child_env()  # one CPU device
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 finished, generating 0" in r.stderr, r.stderr[-3000:]

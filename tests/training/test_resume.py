@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from tests.subproc import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 12
 
@@ -31,17 +33,19 @@ def _cmd(workdir, *extra, steps=STEPS):
         "--config.train.warmup=2",
         "--config.train.log_data_order=True",
         "--config.data.panworld.num_frames=6",
+        # a 1-layer, 32-wide DiT: exactness does not depend on the size, compile time does
+        "--config.model.num_layers=1",
+        "--config.model.dim=32",
+        "--config.model.num_heads=2",
+        "--config.model.ffn_dim=64",
         *extra,
     ]
 
 
 def _env(cache_dir):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    return env
+    return child_env(
+        2, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
+    )
 
 
 def _final_meta(workdir, step):

@@ -49,9 +49,8 @@ def _clips(n=2, t=5, hw=16, seed=0):
     return jnp.asarray(out)
 
 
-@pytest.fixture(scope="module")
-def trained():
-    cfg = _cfg()
+def _train(steps):
+    cfg = _cfg(steps=steps)
     obj = objectives.build(parse(cfg))
     assert isinstance(obj, vae_obj.VAEObjective)
     state = jax.jit(obj.init_state)(jax.random.key_data(jax.random.key(0)), {})
@@ -65,8 +64,15 @@ def trained():
     return obj, state, losses, batch
 
 
-def test_loss_falls_within_a_few_dozen_steps(trained):
-    _, _, losses, _ = trained
+@pytest.fixture(scope="module")
+def trained():
+    """A few steps: enough for the consistency and export checks (the learning check is slow)."""
+    return _train(3)
+
+
+@pytest.mark.slow
+def test_loss_falls_within_a_few_dozen_steps():
+    _, _, losses, _ = _train(40)
     first, last = np.mean(losses[:3]), np.mean(losses[-5:])
     assert np.all(np.isfinite(losses))
     assert last < 0.5 * first, (first, last, losses)
@@ -87,7 +93,8 @@ def test_kl_term():
     # KL(N(mu, s^2) || N(0, 1)) = 0.5 (mu^2 + s^2 - 1 - log s^2), element-averaged
     mu, logvar = jnp.ones_like(z), jnp.full_like(z, np.log(2.0))
     expected = 0.5 * (1.0 + 2.0 - 1.0 - np.log(2.0))
-    np.testing.assert_allclose(float(vae_obj.kl_standard_normal(mu, logvar)), expected, rtol=1e-6)
+    # rtol: a float32 mean of 480 terms (the exact value differs with XLA's summation order)
+    np.testing.assert_allclose(float(vae_obj.kl_standard_normal(mu, logvar)), expected, rtol=1e-5)
     half = jnp.concatenate([mu[:1], z[1:]])  # averaged per element, not summed
     np.testing.assert_allclose(float(vae_obj.kl_standard_normal(half, z)), 0.25, rtol=1e-6)
 
