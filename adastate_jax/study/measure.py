@@ -1,13 +1,13 @@
 """A profile's step times: measured (`launch/study.py --measure`) and turned into a plan's time
 estimate (`estimate_seconds`, `launch/study.py --dry_run`).
 
-Runs, in `OUT/measure/`, the plan's own commands with few steps: the teacher (and its fine-tune), the ODE init, one
-DMD run per distinct training program (window, full, sink, ema_sink, LongLive's layout, adastate
-with each state loss; one of them twice with another seed, for a compile from the persistent
-cache), and the evaluation of one model at 1x and 2x the horizon (the difference is the per-chunk
-time). Step times come from each run's `metrics.jsonl` (steps/s of the log windows after the
-first, which excludes compilation), compile times from its `compiled the train step in X s`
-line, process overhead from the wall time left over. Prints `step_seconds` for `study/profiles.py`.
+`measure` runs, in `OUT/measure/`, the plan's own commands with few steps: the teacher and its
+fine-tune, the ODE init, DMD of window and adastate (with `every_arm`: also full, sink, LongLive's
+layout and the dmd / regress state losses; ema_sink is taken as sink's), window once more with another seed (a compile from the persistent cache), and the evaluation of one model at 1x and 2x the
+horizon (the difference is the per-chunk time). Step times come from each run's `metrics.jsonl`
+(median steps/s of the log windows after the first; the first window starts after compilation),
+compile times from its `compiled the train step in X s` line, process overhead from the wall time
+left over. It prints `step_seconds` for `study/profiles.py`.
 
 Must not know: what the stages compute; it reuses `study.plan`'s commands, only shortened.
 """
@@ -27,18 +27,21 @@ from adastate_jax import files
 from adastate_jax.study import plan as plan_lib, runner
 from adastate_jax.study.plan import ARMS, Plan, Stage
 
-# (stage of the plan, key of step_seconds it measures)
+# (stage of the plan, key of step_seconds it measures); with `every_arm` False only the first
+# group: the other arms' steps are then taken as window's (full, sink, ema_sink, longlive) or as
+# adastate's (the dmd and regress state losses) by `estimate_seconds`
 TRAIN_PROBES = (
     ("teacher", "teacher"),
     ("teacher_tf", "teacher_tf"),
     ("ode", "ode"),
     ("dmd/window_half_s{s}", "dmd_window"),
+    ("dmd/adastate_a2_bptt_window_s{s}", "dmd_adastate"),
+)
+MORE_PROBES = (
+    ("dmd/adastate_a2_dmd_window_s{s}", "dmd_adastate_dmd"),
     ("dmd/full_s{s}", "dmd_full"),
     ("dmd/sink_s{s}", "dmd_sink"),
-    ("dmd/ema_sink_s{s}", "dmd_ema_sink"),
     ("dmd/longlive_s{s}", "dmd_longlive"),
-    ("dmd/adastate_a2_bptt_window_s{s}", "dmd_adastate"),
-    ("dmd/adastate_a2_dmd_window_s{s}", "dmd_adastate_dmd"),
     ("dmd/adastate_a2_regress_window_s{s}", "dmd_adastate_regress"),
 )
 _SET = ("--config.train.steps=", "--config.train.log_every=", "--config.train.ckpt_every=", "--config.train.seed=")
@@ -73,7 +76,7 @@ def _train_numbers(workdir: str, log: str, wall: float, steps: int) -> dict:
     return dict(step=step, compile=compile_s, process=max(0.0, wall - compile_s - step * steps), wall=wall)
 
 
-def measure(profile: plan_lib.Profile, out: str, env: dict, steps: int = 8, log=print) -> dict:
+def measure(profile: plan_lib.Profile, out: str, env: dict, steps: int = 6, every_arm: bool = False, log=print) -> dict:
     """Run the probes in OUT/measure/ -> dict(step_seconds, runs)"""
     root = os.path.abspath(os.path.join(out, "measure"))
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
@@ -99,7 +102,7 @@ def measure(profile: plan_lib.Profile, out: str, env: dict, steps: int = 8, log=
             f"process {got['process']:.1f} s, wall {wall:.0f} s")
         return got
 
-    for stage_name, key in TRAIN_PROBES:
+    for stage_name, key in TRAIN_PROBES + (MORE_PROBES if every_arm else ()):
         if stage_name not in plan.names and stage_name.format(s=seed) not in plan.names:
             continue
         got = train(stage_name, key)
@@ -110,6 +113,8 @@ def measure(profile: plan_lib.Profile, out: str, env: dict, steps: int = 8, log=
     numbers["compile_cached"] = round(again["compile"], 1)
     numbers["process"] = round(statistics.median(r["process"] for r in runs.values()), 1)
     numbers["dmd"] = numbers["dmd_window"]
+    if "dmd_sink" in numbers:
+        numbers["dmd_ema_sink"] = numbers["dmd_sink"]  # the same program but for the merge of one frame
 
     # evaluation: one model, one sampling seed, every prompt, 1x and 2x the horizon
     stage = plan.stage("eval")

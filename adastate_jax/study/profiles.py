@@ -158,6 +158,7 @@ _register(
         model=_pairs({"model.dim": 64, "model.num_heads": 2, "model.num_layers": 2, "model.ffn_dim": 256}),
         clip_frames=21,
         teacher_steps=600,
+        teacher_tf_steps=300,
         teacher_batch=8,
         ode_steps=100,
         ode_batch=4,

@@ -312,8 +312,8 @@ class Runner:
                 for name in self._wait(running):
                     r = running.pop(name)
                     try:
-                        self._finish(r)
-                        done_now.add(name)
+                        if self._finish(r):
+                            done_now.add(name)
                     except StageFailed as e:
                         failure = failure or e
         finally:
@@ -379,7 +379,9 @@ class Runner:
                 return done
             time.sleep(self.poll_s)
 
-    def _finish(self, r: _Running) -> None:
+    def _finish(self, r: _Running) -> bool:
+        """Record how a stage's process ended. -> True when it finished; raises StageFailed when it
+        failed (not when a stop signal ended it: the next run resumes it)."""
         r.log_fh.close()
         seconds = time.perf_counter() - r.t0
         rc = r.proc.returncode
@@ -396,9 +398,9 @@ class Runner:
         self.log(f"[study] {r.stage.name}: {status} in {seconds:.0f} s (exit {rc})")
         if ok:
             self.ran.append(r.stage.name)
-            return
+            return True
         if self._stop_signal:  # stopped on purpose: the next run resumes it
-            return
+            return False
         tail = _tail(log_path(self.run_dir, r.stage.name))
         why = f"exit code {rc}" if rc else f"exited 0 without leaving {r.stage.done}"
         raise StageFailed(f"stage {r.stage.name} {status} ({why}); log {r.record['log']}:\n{tail}")
