@@ -56,16 +56,27 @@ def _shorten(argv, steps: int, seed: int | None = None) -> list[str]:
     return words
 
 
-def _run(argv, cwd: str, env: dict, log: str) -> float:
-    t0 = time.perf_counter()
+def _cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _run(argv, cwd: str, env: dict, log: str) -> tuple[float, float]:
+    """-> (wall seconds, CPU seconds of the command, all its threads)"""
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     with open(log, "w") as fh:
         rc = subprocess.run(runner.resolve(argv), cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
     if rc:
         raise RuntimeError(f"measure: {' '.join(argv[:3])} failed (exit {rc}); log {log}")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu_seconds() - c0
 
 
-def _train_numbers(workdir: str, log: str, wall: float, steps: int) -> dict:
+def _train_numbers(workdir: str, log: str, wall: float, steps: int, cpu: float | None = None) -> dict:
+    """Step, compile and process seconds of a probe. With `cpu` (the probe's CPU seconds) every
+    phase is scaled by cpu / wall: the CPU seconds it took, which is what it costs on a machine
+    where it has one core to itself, whatever else ran beside it (`cpu_scale` records the factor)."""
     with open(os.path.join(workdir, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     sps = [r["steps_per_s"] for r in rows[1:]] or [r["steps_per_s"] for r in rows]
@@ -73,11 +84,18 @@ def _train_numbers(workdir: str, log: str, wall: float, steps: int) -> dict:
     with open(log) as fh:
         found = re.findall(r"compiled the train step in ([0-9.]+)s", fh.read())
     compile_s = float(found[-1]) if found else float("nan")
-    return dict(step=step, compile=compile_s, process=max(0.0, wall - compile_s - step * steps), wall=wall)
+    scale = 1.0 if cpu is None else cpu / wall
+    step, compile_s = step * scale, compile_s * scale
+    return dict(step=step, compile=compile_s, process=max(0.0, wall * scale - compile_s - step * steps),
+                wall=wall, cpu_scale=scale)
 
 
-def measure(profile: plan_lib.Profile, out: str, env: dict, steps: int = 6, every_arm: bool = False, log=print) -> dict:
-    """Run the probes in OUT/measure/ -> dict(step_seconds, runs)"""
+def measure(profile: plan_lib.Profile, out: str, env: dict, steps: int = 6, every_arm: bool = False,
+            cpu_time: bool = True, log=print) -> dict:
+    """Run the probes in OUT/measure/ -> dict(step_seconds, runs). `cpu_time`: report CPU seconds
+    (each phase scaled by the probe's CPU / wall time: robust to other jobs on a shared CPU machine,
+    and what a probe costs with one core; with two idle cores it runs faster). False: wall seconds
+    (an accelerator, where the host CPU is not the work)."""
     root = os.path.abspath(os.path.join(out, "measure"))
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     seed = profile.train_seeds[0]
@@ -95,11 +113,11 @@ def measure(profile: plan_lib.Profile, out: str, env: dict, steps: int = 6, ever
 
             shutil.rmtree(wd)
         log_file = os.path.join(root, "logs", name + ".log")
-        wall = _run(argv, root, env, log_file)
-        got = _train_numbers(wd, log_file, wall, steps)
+        wall, cpu = _run(argv, root, env, log_file)
+        got = _train_numbers(wd, log_file, wall, steps, cpu if cpu_time else None)
         runs[name] = dict(key=key, **got)
         log(f"[measure] {stage.name}{tag}: {got['step']:.3f} s/step, compile {got['compile']:.1f} s, "
-            f"process {got['process']:.1f} s, wall {wall:.0f} s")
+            f"process {got['process']:.1f} s ({'CPU' if cpu_time else 'wall'} seconds; wall {wall:.0f} s)")
         return got
 
     for stage_name, key in TRAIN_PROBES + (MORE_PROBES if every_arm else ()):
@@ -128,11 +146,12 @@ def measure(profile: plan_lib.Profile, out: str, env: dict, steps: int = 6, ever
     for h in (1, 2):
         argv = [w for w in stage.argv if not w.startswith(("--horizons=", "--seeds=", "--out_dir="))]
         argv += [f"--horizons={h}", "--seeds=0", f"--out_dir=eval/h{h}"]
-        walls.append(_run(argv, root, env, os.path.join(root, "logs", f"eval_h{h}.log")))
-        log(f"[measure] eval at {h}x ({h * profile.horizon_chunks} chunks): {walls[-1]:.0f} s")
+        wall, cpu = _run(argv, root, env, os.path.join(root, "logs", f"eval_h{h}.log"))
+        walls.append(cpu if cpu_time else wall)
+        log(f"[measure] eval at {h}x ({h * profile.horizon_chunks} chunks): {walls[-1]:.0f} s ({wall:.0f} s wall)")
     numbers["eval_chunk"] = round(max(walls[1] - walls[0], 0.0) / profile.horizon_chunks, 3)
     numbers["rollout_chunk"] = numbers["eval_chunk"]
-    result = dict(profile=profile.name, steps=steps, step_seconds=numbers, runs=runs, eval_walls=walls)
+    result = dict(profile=profile.name, steps=steps, cpu_time=cpu_time, step_seconds=numbers, runs=runs, eval_seconds=walls)
     files.write_json_atomic(os.path.join(root, "step_seconds.json"), result)
     log("[measure] step_seconds=_pairs(" + json.dumps(numbers) + ")")
     return result

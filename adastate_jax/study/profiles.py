@@ -135,6 +135,9 @@ _register(
         ablation_eval_seeds=(0,),
         teacher_check_seeds=(0,),
         dmd_overrides=_pairs({"train.critic_steps": 1}),
+        # three of the four ablation variants (the regress loss's compile adds minutes on a shared
+        # CPU; tests/training/test_state_learning.py covers that switch)
+        variants=("bptt_window", "bptt_ode", "dmd_window"),
         eval_labels=(5,),
         horizons=(1, 2),
         horizon_chunks=2,
