@@ -5,16 +5,18 @@
   python launch/study.py --profile=cpu --out=runs/study_cpu --publish=assets/study
 
 Package map (each module's docstring says what it owns):
-  plan     arms, the state-learning switches and ablation, profiles, the stages and their commands
-  runner   fingerprints, stage records, skip / resume / redo, subprocesses, actions
-  decide   the pre-registered decision rule, the ablation's criterion, the teacher's bar
-  report   RUN_DIR/report/ (tables, plots, videos, verdict) and publishing it
+  plan      arms, the state-learning ablation, the stages and their commands, DMD budgets
+  profiles  toy / cpu / gpu: model size, budgets, seeds, evaluation sizes, measured step times
+  runner    fingerprints, stage records, skip / resume / redo, subprocesses, actions
+  decide    the pre-registered decision rule, the ablation's criterion, the teacher's bar
+  report    RUN_DIR/report/ (tables, plots, videos, verdict) and publishing it
+  measure   timing a profile's stages (`--measure`) and the plan's time estimate
 
 This module owns the glue: which plan a run directory is at (the ablation's winner read from
-`RUN_DIR/ablation/winner.json`), checking
-every stage's config before any work (`validate`), the two in-process actions (`pick_winner`,
-`report`), the environment of the commands (a persistent compilation cache in the run directory),
-and `main`. Must not know: objectives' internals, model code, metric definitions.
+`RUN_DIR/ablation/winner.json`), checking every stage's config before any work (`validate`), the
+two in-process actions (`pick_winner`, `report`), the environment of the commands (a persistent
+compilation cache in the run directory), and `main`. Must not know: objectives' internals, model
+code, metric definitions.
 """
 
 from __future__ import annotations

@@ -126,8 +126,10 @@ def measure(profile: plan_lib.Profile, out: str, env: dict, steps: int = 6, ever
         got = train(stage_name, key)
         numbers[key] = round(got["step"], 3)
     again = train(TRAIN_PROBES[3][0], "dmd_window", seed_override=seed + 1, tag="_again")
-    compiles = [r["compile"] for k, r in runs.items() if not k.endswith("_again")]
+    compiles = [r["compile"] for k, r in runs.items() if not k.endswith("_again") and not r["key"].startswith("dmd")]
+    dmd_compiles = [r["compile"] for k, r in runs.items() if not k.endswith("_again") and r["key"].startswith("dmd")]
     numbers["compile"] = round(statistics.median(compiles), 1)
+    numbers["compile_dmd"] = round(statistics.median(dmd_compiles), 1)
     numbers["compile_cached"] = round(again["compile"], 1)
     numbers["process"] = round(statistics.median(r["process"] for r in runs.values()), 1)
     numbers["dmd"] = numbers["dmd_window"]
@@ -198,7 +200,8 @@ def estimate_seconds(plan: Plan) -> dict:
         t = sec["process"] if s.argv else 0.0
         if s.expect_step:
             key = _program_key(s)
-            t += sec["compile_cached"] if key in seen else sec["compile"]
+            fresh = sec.get("compile_dmd", sec["compile"]) if s.group in ("dmd", "ablation") else sec["compile"]
+            t += sec["compile_cached"] if key in seen else fresh
             seen.add(key)
             k = step_key(s)
             per_step = sec.get(k, sec.get(k.rsplit("_", 1)[0] if k.startswith("dmd_adastate_") else k,

@@ -419,7 +419,10 @@ def build(
     add(Stage("ablation/winner", "ablation", "ablation", "ablation/winner.json", action="pick_winner", deps=("ablation/eval",)))
 
     # --- DMD: every main arm x training seed (equal DMD steps after the ODE init) ---------------
-    chosen = VARIANT_BY_NAME[winner] if winner else VARIANT_BY_NAME[variants[0]]
+    fixed = p.adastate_variant  # a profile may fix the main arms' variant (they then do not wait)
+    if fixed and fixed not in VARIANT_BY_NAME:
+        raise ValueError(f"profile {p.name}: adastate_variant={fixed!r} is not a variant of {list(VARIANT_BY_NAME)}")
+    chosen = VARIANT_BY_NAME[fixed or winner or variants[0]]
     if winner and winner not in variants:
         raise ValueError(f"ablation winner {winner!r} is not among this plan's variants {variants}")
     models = []
@@ -432,7 +435,7 @@ def build(
                 add(Stage(name, "dmd", name, f"{name}/export/info.json", _train_argv("dmd,window", name, pairs), deps=(start,), steps=p.dmd_steps - half, init_steps_from=start, resume_from=start, expect_step=p.dmd_steps))
                 models.append(TrainedModel(arm.name, seed, name))
             elif arm.adastate:
-                st = adastate_stage(arm, chosen, seed, "dmd", winner is None)
+                st = adastate_stage(arm, chosen, seed, "dmd", winner is None and not fixed)
                 models.append(TrainedModel(arm.name, seed, st.name, chosen.name))
             else:
                 name = f"dmd/{arm.name}_s{seed}"

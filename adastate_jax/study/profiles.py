@@ -40,7 +40,8 @@ class Profile:
     # seconds: per training step (`teacher`, `ode`, `dmd`, or `dmd_<arm>`), per evaluated chunk of
     # one model x sampling seed (all prompts in one batch, scoring included: `eval_chunk`), per
     # showcase chunk (`rollout_chunk`), per process start-up (`process`), per compilation
-    # (`compile`; `compile_cached`: a program already in the run's persistent compilation cache)
+    # (`compile`, `compile_dmd` for DMD stages when given; `compile_cached`: a program already in
+    # the run's persistent compilation cache)
     step_seconds: tuple[tuple[str, float], ...]
     # the teacher: trained with diffusion forcing, then fine-tuned `teacher_tf_steps` with
     # `teacher_attention` (configs/panworld.py's recipe: the diffusion-forcing teacher ignores the
@@ -59,6 +60,10 @@ class Profile:
     teacher_check_sampler_steps: int = 24
     ablation_seed: int = 0
     variants: tuple[str, ...] = ("bptt_window", "bptt_ode", "dmd_window", "regress_window")
+    # the main adastate arms' variant: '' = the ablation's winner (they wait for it, issue 10 item
+    # 2's "make it the default"); a variant name = that one, trained alongside the ablation (a
+    # shorter critical path where stages run in parallel; the report still shows the ablation)
+    adastate_variant: str = ""
     showcase_label: int = 5  # 'pan right medium'
     showcase_seed: int = 0
     ckpt_every: int = 50
@@ -153,19 +158,35 @@ _register(
 
 
 # The committed study on this project's 2-core CPU machine (<= 2.5 h by `--dry_run`'s estimate).
-# Model: configs/panworld.py's one-token-per-latent-pixel DiT (64 tokens per frame), narrowed.
+# Model: configs/panworld.py's one-token-per-latent-pixel DiT (64 tokens per frame), narrowed to
+# dim 64 (2 heads of 32), 2 layers (0.18M parameters): 1344 tokens per 21-frame clip.
+# Step times (seconds on this machine, one process at a time). PROVISIONAL: this session's own
+# probes (`--measure`) were starved of CPU by the test suite running beside them (a niced probe
+# got 0-30% of a core: the teacher probe took 545 s of wall time for 6 steps), so the numbers are
+# scaled from this machine's recorded measurements, not measured at this size:
+# - README "Training" table (dim 128, 2 layers, 9-frame clips, batch 8, an idle machine): teacher
+#   0.53 s/step, teacher_tf 0.96, ODE on the fly 2.4, DMD 2.2 (100 steps in 4-5 min incl. a
+#   36-62 s compile), adastate DMD 5-9 min per 100 steps (x1.6);
+# - assets/study/teacher_search.md: the same DiT on 21-frame clips costs ~3x the 1.6 CPU-s/step
+#   of the 16-token dim-256 DiT (~4.8 s/step, diffusion forcing, batch 8);
+# - assets/panworld_models/results.json: evaluating 4 models x 3 seeds x 42 chunks (8 prompts per
+#   batch, instrumented, dim 128) took 232 s, 0.46 s per model-seed-chunk with its compiles.
+# Scaling: dim 64 halves the attention and quarters the linear layers (x0.45); teacher forcing
+# doubles the sequence (x2.5 at 21 frames); batch 4 halves ODE/DMD; a 7-chunk DMD rollout ~x2.3 of
+# 3 chunks. Run `python launch/study.py --profile=cpu --out=runs/measure_cpu --measure` on a quiet
+# machine (~20 CPU-minutes) and paste its step_seconds here before launching.
 _register(
     Profile(
         name="cpu",
         summary="2-core CPU: a 2-layer dim-64 DiT (64 tokens per frame), 21-frame clips, 3 training seeds",
         model=_pairs({"model.dim": 64, "model.num_heads": 2, "model.num_layers": 2, "model.ffn_dim": 256}),
         clip_frames=21,
-        teacher_steps=600,
-        teacher_tf_steps=300,
+        teacher_steps=500,
+        teacher_tf_steps=200,
         teacher_batch=8,
-        ode_steps=100,
+        ode_steps=60,
         ode_batch=4,
-        dmd_steps=40,
+        dmd_steps=30,
         dmd_batch=4,
         train_seeds=(0, 1, 2),
         eval_seeds=(0, 1, 2, 3),
@@ -173,27 +194,29 @@ _register(
         teacher_check_seeds=(0, 1),
         bootstrap=1000,
         step_seconds=_pairs(
-            {"teacher": 1.0, "ode": 2.0, "dmd": 2.0, "eval_chunk": 0.2, "rollout_chunk": 0.1,
-             "compile": 40.0, "compile_cached": 10.0, "process": 10.0}
+            {"teacher": 2.2, "teacher_tf": 5.5, "ode": 6.0, "dmd": 2.0, "dmd_adastate": 3.2,
+             "eval_chunk": 0.4, "rollout_chunk": 0.4, "compile": 40.0, "compile_dmd": 60.0,
+             "compile_cached": 15.0, "process": 20.0}
         ),
     )
 )
 
-# One H200 (<= 9 min by the estimate). NOT MEASURED (no device was lent to this session): the
-# step times below are guesses (a 4-layer dim-128 DiT with 1344 tokens per clip is far from filling
-# an H200, so per-step times are launch-bound; XLA:GPU compiles of the DMD step take about a
-# half a minute on 16 cores); run `python launch/study.py --profile=gpu --out=runs/study_gpu --measure` on the device
-# first and replace them. Twelve stages share the GPU at once (no preallocation); the critical
-# path (teacher -> fine-tune -> ODE -> window half -> ablation -> its evaluation -> the adastate
-# arms -> evaluation -> showcase) is most of the estimate.
+# One H200 (<= 9 min by the estimate). NOT MEASURED: no device was lent to this session. The
+# numbers are guesses from assets/gpu_h200/README.md (Wan2.1-1.3B on an H200: flow-matching steps
+# compile in 18-25 s; a 1.3B DMD step did not compile within 85 s) for a model that is far from
+# filling the GPU (per-step times launch-bound). Run
+# `python launch/study.py --profile=gpu --out=runs/study_gpu --measure --nomeasure_cpu_time` on the
+# device first and replace them. Twelve stages share the GPU (no preallocation) and the main
+# adastate arms train the paper's path (`adastate_variant`) alongside the ablation: the critical
+# path teacher -> fine-tune -> ODE -> window half -> adastate -> evaluation -> showcase is the estimate.
 _register(
     Profile(
         name="gpu",
         summary="one H200: a 4-layer dim-128 DiT (64 tokens per frame), 21-frame clips, 3 training seeds",
         model=_pairs({"model.dim": 128, "model.num_heads": 4, "model.num_layers": 4, "model.ffn_dim": 512}),
         clip_frames=21,
-        teacher_steps=2000,
-        teacher_tf_steps=600,
+        teacher_steps=1500,
+        teacher_tf_steps=500,
         teacher_batch=16,
         ode_steps=200,
         ode_batch=8,
@@ -203,11 +226,13 @@ _register(
         eval_seeds=(0, 1, 2, 3),
         ablation_eval_seeds=(0, 1, 2, 3),
         teacher_check_seeds=(0, 1, 2, 3),
+        adastate_variant="bptt_window",
         max_parallel=12,
         env=_pairs({"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}),
         step_seconds=_pairs(
-            {"teacher": 0.03, "teacher_tf": 0.04, "ode": 0.08, "dmd": 0.25, "eval_chunk": 0.02,
-             "rollout_chunk": 0.02, "compile": 30.0, "compile_cached": 5.0, "process": 10.0}
+            {"teacher": 0.03, "teacher_tf": 0.05, "ode": 0.08, "dmd": 0.12, "eval_chunk": 0.02,
+             "rollout_chunk": 0.02, "compile": 20.0, "compile_dmd": 60.0, "compile_cached": 5.0,
+             "process": 10.0}
         ),
     )
 )
