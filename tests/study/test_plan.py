@@ -49,6 +49,9 @@ def test_adastate_arms_wait_for_the_ablation():
     assert pending and all("adastate_a4" in n for n in pending)  # a2 seed 0 is the ablation's own run
     with pytest.raises(ValueError, match="not a variant"):
         plan_lib.build(profiles.profile("toy"), winner="nope")
+    gpu = plan_lib.build(profiles.profile("gpu"))  # a fixed variant: nothing waits
+    assert not any(s.pending for s in gpu.stages)
+    assert "dmd/adastate_a4_bptt_window_s2" in gpu.names
 
 
 def test_the_window_arm_continues_its_half_and_adastate_starts_from_it(cpu_plan):
