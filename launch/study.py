@@ -26,15 +26,31 @@ from adastate_jax.eval import arms  # noqa: E402
 from adastate_jax.study import plan as plan_lib  # noqa: E402
 
 flags.DEFINE_enum("profile", "cpu", sorted(plan_lib.PROFILES), "Study profile (adastate_jax/study/plan.py).")
-flags.DEFINE_string("out", None, "Run directory (every stage's workdir, records, logs, report/).", required=True)
-flags.DEFINE_string("stages", "", f"Stage groups to run, comma-separated ({', '.join(plan_lib.STAGE_GROUPS)}); empty: all.")
+flags.DEFINE_string(
+    "out", None, "Run directory (every stage's workdir, records, logs, report/).", required=True
+)
+flags.DEFINE_string(
+    "stages", "", f"Stage groups to run, comma-separated ({', '.join(plan_lib.STAGE_GROUPS)}); empty: all."
+)
 flags.DEFINE_bool("dry_run", False, "Print the plan, each stage's state and the time estimate; run nothing.")
-flags.DEFINE_bool("measure", False, "Time a few steps of every training program and a short evaluation "
-                  "in OUT/measure/ and print the profile's step_seconds (adastate_jax/study/measure.py).")
-flags.DEFINE_bool("measure_every_arm", False, "--measure: also time full, sink, longlive and the state losses.")
-flags.DEFINE_bool("measure_cpu_time", True, "--measure: CPU seconds (a shared CPU machine); false: wall seconds (GPU).")
-flags.DEFINE_string("train_seeds", "", "Training seeds of the main arms (default: the profile's), e.g. 0,1,2.")
-flags.DEFINE_string("publish", "", "Copy RUN_DIR/report/ here (relative to the repository), e.g. assets/study.")
+flags.DEFINE_bool(
+    "measure",
+    False,
+    "Time a few steps of every training program and a short evaluation "
+    "in OUT/measure/ and print the profile's step_seconds (adastate_jax/study/measure.py).",
+)
+flags.DEFINE_bool(
+    "measure_every_arm", False, "--measure: also time full, sink, longlive and the state losses."
+)
+flags.DEFINE_bool(
+    "measure_cpu_time", True, "--measure: CPU seconds (a shared CPU machine); false: wall seconds (GPU)."
+)
+flags.DEFINE_string(
+    "train_seeds", "", "Training seeds of the main arms (default: the profile's), e.g. 0,1,2."
+)
+flags.DEFINE_string(
+    "publish", "", "Copy RUN_DIR/report/ here (relative to the repository), e.g. assets/study."
+)
 flags.DEFINE_integer("max_parallel", 0, "Training / evaluation processes at once (0: the profile's).")
 FLAGS = flags.FLAGS
 
@@ -46,8 +62,13 @@ def main(argv):
         from adastate_jax.study import measure
 
         profile = plan_lib.profile(FLAGS.profile)
-        measure.measure(profile, FLAGS.out, study.environment(profile, os.path.join(FLAGS.out, "measure")),
-                        every_arm=FLAGS.measure_every_arm, cpu_time=FLAGS.measure_cpu_time)
+        measure.measure(
+            profile,
+            FLAGS.out,
+            study.environment(profile, os.path.join(FLAGS.out, "measure")),
+            every_arm=FLAGS.measure_every_arm,
+            cpu_time=FLAGS.measure_cpu_time,
+        )
         return
     try:
         seeds = arms.parse_int_list("train_seeds", FLAGS.train_seeds, 0) if FLAGS.train_seeds else None

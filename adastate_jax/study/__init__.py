@@ -28,7 +28,8 @@ import sys
 from collections.abc import Sequence
 
 from adastate_jax import files
-from adastate_jax.study import decide, measure, plan as plan_lib, report, runner
+from adastate_jax.study import decide, measure, report, runner
+from adastate_jax.study import plan as plan_lib
 
 WINNER_FILE = "ablation/winner.json"
 
@@ -162,7 +163,9 @@ def parse_groups(text: str) -> list[str] | None:
         return None
     bad = [g for g in groups if g not in plan_lib.STAGE_GROUPS]
     if bad:
-        raise ValueError(f"--stages={text}: unknown stage group(s) {bad}; groups: {list(plan_lib.STAGE_GROUPS)}")
+        raise ValueError(
+            f"--stages={text}: unknown stage group(s) {bad}; groups: {list(plan_lib.STAGE_GROUPS)}"
+        )
     return groups
 
 
@@ -205,20 +208,29 @@ def main(
             log(f"{r['state']:>8}  {r['stage']}  ~{minutes:.1f} min{steps}\n          {r['command']}")
         left = sum(est["per_stage"][r["stage"]] for r in rows if r["state"] != "done")
         par = f", {est['max_parallel']} stages at once" if est["max_parallel"] > 1 else ""
-        log(f"[study] {checked} stage configs parse. Estimated {est['total'] / 3600:.2f} h for the whole "
+        log(
+            f"[study] {checked} stage configs parse. Estimated {est['total'] / 3600:.2f} h for the whole "
             f"profile {profile.name} ({est['work'] / 3600:.2f} h of stage time{par}; {left / 3600:.2f} h "
-            "of stage time left): "
-            + ", ".join(f"{k} {v / 60:.0f} min" for k, v in est["per_group"].items()))
+            "of stage time left): " + ", ".join(f"{k} {v / 60:.0f} min" for k, v in est["per_group"].items())
+        )
         return dict(ran=[], left={r["stage"]: r["state"] for r in rows}, estimate=est)
     os.makedirs(run_dir, exist_ok=True)
     files.write_json_atomic(
         os.path.join(run_dir, "plan.json"),
-        dict(profile=profile.name, command=command, train_seeds=list(plan.train_seeds), stages=run.describe(plan), notes=list(plan.notes)),
+        dict(
+            profile=profile.name,
+            command=command,
+            train_seeds=list(plan.train_seeds),
+            stages=run.describe(plan),
+            notes=list(plan.notes),
+        ),
     )
     summary = run.run()
     if publish:
         if "report" in summary["left"]:
-            raise ValueError(f"--publish={publish}: the report stage has not run ({summary['left']['report']})")
+            raise ValueError(
+                f"--publish={publish}: the report stage has not run ({summary['left']['report']})"
+            )
         dest = publish if os.path.isabs(publish) else os.path.join(runner.REPO_ROOT, publish)
         copied = report.publish(run_dir, dest)
         log(f"[study] published {len(copied)} files to {publish}")

@@ -91,7 +91,9 @@ def _condition_3(ada, window, arm, h) -> dict:
     for name in QUALITY_METRICS:
         a, w = metric(ada, name), metric(window, name)
         if not _finite(w["mean"]) and not _finite(a["mean"]):
-            checks.append(dict(against=NO_ANCHOR, metric=name, ok=None, text=f"{name}: n/a for both (undefined)"))
+            checks.append(
+                dict(against=NO_ANCHOR, metric=name, ok=None, text=f"{name}: n/a for both (undefined)")
+            )
             continue
         width = (w["hi"] - w["lo"]) if _finite(w["lo"]) and _finite(w["hi"]) else 0.0
         ok = _finite(a["mean"]) and _finite(w["mean"]) and a["mean"] >= w["mean"] - width
@@ -151,7 +153,13 @@ def decide(
         )
     best = max(arms, key=lambda a: (arms[a]["met"], arms[a]["progression"]))
     better = arms[best]["met"] == len(CONDITIONS)
-    return dict(better=better, arm=best, arms=arms, horizons=list(horizons), text=verdict_text(better, best, arms, horizons))
+    return dict(
+        better=better,
+        arm=best,
+        arms=arms,
+        horizons=list(horizons),
+        text=verdict_text(better, best, arms, horizons),
+    )
 
 
 def verdict_text(better: bool, best: str, arms: Mapping, horizons: Sequence[int]) -> str:
@@ -160,7 +168,8 @@ def verdict_text(better: bool, best: str, arms: Mapping, horizons: Sequence[int]
     head = (
         f"**AdaState is better** by the pre-registered rule ({best}, at {hs})."
         if better
-        else f"**AdaState did not show its claimed benefit** by the pre-registered rule (better alpha arm: {best}, at {hs})."
+        else f"**AdaState did not show its claimed benefit** by the pre-registered rule "
+        f"(better alpha arm: {best}, at {hs})."
     )
     lines = [head]
     for k, c in arms[best]["conditions"].items():
@@ -192,18 +201,36 @@ def pick_winner(
         for h in horizons:
             r = row(rows, arm_of(v), h)
             per_h.append(
-                dict(horizon=h, progression=metric(r, "progression")["mean"], code_conf=metric(r, "code_conf")["mean"])
+                dict(
+                    horizon=h,
+                    progression=metric(r, "progression")["mean"],
+                    code_conf=metric(r, "code_conf")["mean"],
+                )
             )
         confs = [x["code_conf"] for x in per_h]
         capped = [min(x["progression"], 1.0) if _finite(x["progression"]) else float("-inf") for x in per_h]
         eligible = all(_finite(c) and c >= min_code_conf for c in confs)
         conf_mean = sum(c if _finite(c) else float("-inf") for c in confs) / len(confs)
-        table.append(dict(variant=v, eligible=eligible, score=sum(capped) / len(capped), code_conf=conf_mean, per_horizon=per_h))
+        table.append(
+            dict(
+                variant=v,
+                eligible=eligible,
+                score=sum(capped) / len(capped),
+                code_conf=conf_mean,
+                per_horizon=per_h,
+            )
+        )
     eligible_any = any(t["eligible"] for t in table)
     pool = [t for t in table if t["eligible"]] if eligible_any else table
     order = {v: i for i, v in enumerate(variants)}
     winner = max(pool, key=lambda t: (t["score"], t["code_conf"], -order[t["variant"]]))["variant"]
-    return dict(winner=winner, eligible_any=eligible_any, table=table, horizons=list(horizons), min_code_conf=min_code_conf)
+    return dict(
+        winner=winner,
+        eligible_any=eligible_any,
+        table=table,
+        horizons=list(horizons),
+        min_code_conf=min_code_conf,
+    )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ estimate (`estimate_seconds`, `launch/study.py --dry_run`).
 
 `measure` runs, in `OUT/measure/`, the plan's own commands with few steps: the teacher and its
 fine-tune, the ODE init, DMD of window and adastate (with `every_arm`: also full, sink, LongLive's
-layout and the dmd / regress state losses; ema_sink is taken as sink's), window once more with another seed (a compile from the persistent cache), and the evaluation of one model at 1x and 2x the
+layout and the dmd / regress state losses; ema_sink is taken as sink's), window once more with
+another seed (a compile from the persistent cache), and the evaluation of one model at 1x and 2x the
 horizon (the difference is the per-chunk time). Step times come from each run's `metrics.jsonl`
 (median steps/s of the log windows after the first; the first window starts after compilation),
 compile times from its `compiled the train step in X s` line, process overhead from the wall time
@@ -20,11 +21,11 @@ import re
 import statistics
 import subprocess
 import time
-
 from collections.abc import Mapping
 
 from adastate_jax import files
-from adastate_jax.study import plan as plan_lib, runner
+from adastate_jax.study import plan as plan_lib
+from adastate_jax.study import runner
 from adastate_jax.study.plan import ARMS, Plan, Stage
 
 # (stage of the plan, key of step_seconds it measures); with `every_arm` False only the first
@@ -44,13 +45,21 @@ MORE_PROBES = (
     ("dmd/longlive_s{s}", "dmd_longlive"),
     ("dmd/adastate_a2_regress_window_s{s}", "dmd_adastate_regress"),
 )
-_SET = ("--config.train.steps=", "--config.train.log_every=", "--config.train.ckpt_every=", "--config.train.seed=")
+_SET = (
+    "--config.train.steps=",
+    "--config.train.log_every=",
+    "--config.train.ckpt_every=",
+    "--config.train.seed=",
+)
 
 
 def _shorten(argv, steps: int, seed: int | None = None) -> list[str]:
     words = [w for w in argv if not w.startswith(_SET)]
-    words += [f"--config.train.steps={steps}", f"--config.train.log_every={max(1, steps // 4)}",
-              f"--config.train.ckpt_every={steps}"]
+    words += [
+        f"--config.train.steps={steps}",
+        f"--config.train.log_every={max(1, steps // 4)}",
+        f"--config.train.ckpt_every={steps}",
+    ]
     if seed is not None:
         words.append(f"--config.train.seed={seed}")
     return words
@@ -67,7 +76,9 @@ def _run(argv, cwd: str, env: dict, log: str) -> tuple[float, float]:
     """-> (wall seconds, CPU seconds of the command, all its threads)"""
     t0, c0 = time.perf_counter(), _cpu_seconds()
     with open(log, "w") as fh:
-        rc = subprocess.run(runner.resolve(argv), cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(
+            runner.resolve(argv), cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT
+        ).returncode
     if rc:
         raise RuntimeError(f"measure: {' '.join(argv[:3])} failed (exit {rc}); log {log}")
     return time.perf_counter() - t0, _cpu_seconds() - c0
@@ -86,12 +97,24 @@ def _train_numbers(workdir: str, log: str, wall: float, steps: int, cpu: float |
     compile_s = float(found[-1]) if found else float("nan")
     scale = 1.0 if cpu is None else cpu / wall
     step, compile_s = step * scale, compile_s * scale
-    return dict(step=step, compile=compile_s, process=max(0.0, wall * scale - compile_s - step * steps),
-                wall=wall, cpu_scale=scale)
+    return dict(
+        step=step,
+        compile=compile_s,
+        process=max(0.0, wall * scale - compile_s - step * steps),
+        wall=wall,
+        cpu_scale=scale,
+    )
 
 
-def measure(profile: plan_lib.Profile, out: str, env: dict, steps: int = 6, every_arm: bool = False,
-            cpu_time: bool = True, log=print) -> dict:
+def measure(
+    profile: plan_lib.Profile,
+    out: str,
+    env: dict,
+    steps: int = 6,
+    every_arm: bool = False,
+    cpu_time: bool = True,
+    log=print,
+) -> dict:
     """Run the probes in OUT/measure/ -> dict(step_seconds, runs). `cpu_time`: report CPU seconds
     (each phase scaled by the probe's CPU / wall time: robust to other jobs on a shared CPU machine,
     and what a probe costs with one core; with two idle cores it runs faster). False: wall seconds
@@ -116,8 +139,10 @@ def measure(profile: plan_lib.Profile, out: str, env: dict, steps: int = 6, ever
         wall, cpu = _run(argv, root, env, log_file)
         got = _train_numbers(wd, log_file, wall, steps, cpu if cpu_time else None)
         runs[name] = dict(key=key, **got)
-        log(f"[measure] {stage.name}{tag}: {got['step']:.3f} s/step, compile {got['compile']:.1f} s, "
-            f"process {got['process']:.1f} s ({'CPU' if cpu_time else 'wall'} seconds; wall {wall:.0f} s)")
+        log(
+            f"[measure] {stage.name}{tag}: {got['step']:.3f} s/step, compile {got['compile']:.1f} s, "
+            f"process {got['process']:.1f} s ({'CPU' if cpu_time else 'wall'} seconds; wall {wall:.0f} s)"
+        )
         return got
 
     for stage_name, key in TRAIN_PROBES + (MORE_PROBES if every_arm else ()):
@@ -126,8 +151,12 @@ def measure(profile: plan_lib.Profile, out: str, env: dict, steps: int = 6, ever
         got = train(stage_name, key)
         numbers[key] = round(got["step"], 3)
     again = train(TRAIN_PROBES[3][0], "dmd_window", seed_override=seed + 1, tag="_again")
-    compiles = [r["compile"] for k, r in runs.items() if not k.endswith("_again") and not r["key"].startswith("dmd")]
-    dmd_compiles = [r["compile"] for k, r in runs.items() if not k.endswith("_again") and r["key"].startswith("dmd")]
+    compiles = [
+        r["compile"] for k, r in runs.items() if not k.endswith("_again") and not r["key"].startswith("dmd")
+    ]
+    dmd_compiles = [
+        r["compile"] for k, r in runs.items() if not k.endswith("_again") and r["key"].startswith("dmd")
+    ]
     numbers["compile"] = round(statistics.median(compiles), 1)
     numbers["compile_dmd"] = round(statistics.median(dmd_compiles), 1)
     numbers["compile_cached"] = round(again["compile"], 1)
@@ -139,7 +168,12 @@ def measure(profile: plan_lib.Profile, out: str, env: dict, steps: int = 6, ever
     # evaluation: one model, one sampling seed, every prompt, 1x and 2x the horizon
     stage = plan.stage("eval")
     spec = plan_lib.models_spec(
-        {"window": {"policy": "window", "stream": plan_lib.eval_stream(plan_lib.ARM_BY_NAME["window"], profile)}},
+        {
+            "window": {
+                "policy": "window",
+                "stream": plan_lib.eval_stream(plan_lib.ARM_BY_NAME["window"], profile),
+            }
+        },
         [("window", plan.stage(f"dmd/window_half_s{seed}").workdir + "/export", seed)],
         "eval",
     )
@@ -150,10 +184,20 @@ def measure(profile: plan_lib.Profile, out: str, env: dict, steps: int = 6, ever
         argv += [f"--horizons={h}", "--seeds=0", f"--out_dir=eval/h{h}"]
         wall, cpu = _run(argv, root, env, os.path.join(root, "logs", f"eval_h{h}.log"))
         walls.append(cpu if cpu_time else wall)
-        log(f"[measure] eval at {h}x ({h * profile.horizon_chunks} chunks): {walls[-1]:.0f} s ({wall:.0f} s wall)")
+        log(
+            f"[measure] eval at {h}x ({h * profile.horizon_chunks} chunks): {walls[-1]:.0f} s "
+            f"({wall:.0f} s wall)"
+        )
     numbers["eval_chunk"] = round(max(walls[1] - walls[0], 0.0) / profile.horizon_chunks, 3)
     numbers["rollout_chunk"] = numbers["eval_chunk"]
-    result = dict(profile=profile.name, steps=steps, cpu_time=cpu_time, step_seconds=numbers, runs=runs, eval_seconds=walls)
+    result = dict(
+        profile=profile.name,
+        steps=steps,
+        cpu_time=cpu_time,
+        step_seconds=numbers,
+        runs=runs,
+        eval_seconds=walls,
+    )
     files.write_json_atomic(os.path.join(root, "step_seconds.json"), result)
     log("[measure] step_seconds=_pairs(" + json.dumps(numbers) + ")")
     return result
@@ -177,11 +221,16 @@ def step_key(stage: Stage) -> str:
     dmd_<arm> (dmd_adastate_<state loss> for an adastate run with a direct state loss)."""
     if stage.group == "teacher" or stage.name == "ode":
         return stage.name
-    arm = next((a for a in sorted(ARMS, key=lambda a: -len(a.name)) if stage.workdir.startswith(f"dmd/{a.name}_")), None)
+    arm = next(
+        (a for a in sorted(ARMS, key=lambda a: -len(a.name)) if stage.workdir.startswith(f"dmd/{a.name}_")),
+        None,
+    )
     if arm is None:
         return "dmd_window"  # dmd/window_half_s*
     if arm.adastate:
-        loss = next((w.split("=", 1)[1] for w in stage.argv if w.startswith("--config.train.state_loss=")), "none")
+        loss = next(
+            (w.split("=", 1)[1] for w in stage.argv if w.startswith("--config.train.state_loss=")), "none"
+        )
         return "dmd_adastate" if loss == "none" else f"dmd_adastate_{loss}"
     return f"dmd_{arm.name}"
 
@@ -200,12 +249,19 @@ def estimate_seconds(plan: Plan) -> dict:
         t = sec["process"] if s.argv else 0.0
         if s.expect_step:
             key = _program_key(s)
-            fresh = sec.get("compile_dmd", sec["compile"]) if s.group in ("dmd", "ablation") else sec["compile"]
+            fresh = (
+                sec.get("compile_dmd", sec["compile"]) if s.group in ("dmd", "ablation") else sec["compile"]
+            )
             t += sec["compile_cached"] if key in seen else fresh
             seen.add(key)
             k = step_key(s)
-            per_step = sec.get(k, sec.get(k.rsplit("_", 1)[0] if k.startswith("dmd_adastate_") else k,
-                                           sec["teacher"] if s.group == "teacher" else sec["dmd"]))
+            per_step = sec.get(
+                k,
+                sec.get(
+                    k.rsplit("_", 1)[0] if k.startswith("dmd_adastate_") else k,
+                    sec["teacher"] if s.group == "teacher" else sec["dmd"],
+                ),
+            )
             t += per_step * (s.expect_step - (plan.budget(s.init_steps_from) if s.resume_from else 0))
         elif s.group in ("eval", "teacher_check", "ablation") and s.argv:
             spec = json.loads(dict(s.files)[f"{s.workdir}/models.json"])

@@ -25,14 +25,22 @@ string of `launch/train.py` on `configs/panworld.py`.
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
+from adastate_jax.study.commands import (  # noqa: F401
+    BASE_CONFIG,
+    PYTHON,
+    REPO,
+    _common,
+    _eval_argv,
+    _train_argv,
+    eval_stream,
+    format_value,
+    models_spec,
+    override_flags,
+    sampler_steps,
+)
 from adastate_jax.study.profiles import CHUNK_FRAMES, PROFILES, Profile, profile  # noqa: F401
-
-PYTHON = "{python}"  # the interpreter that runs the study
-REPO = "{repo}"  # the repository root (launch/, configs/)
-BASE_CONFIG = "configs/panworld.py"  # every stage's config file (its `:stage,policy` variants)
 
 # ------------------------------------------------------------------------------------------------
 # Arms: anchor + window = CACHED_FRAMES latent frames each (full: the whole history)
@@ -94,7 +102,9 @@ class Variant:
 
 
 VARIANTS: tuple[Variant, ...] = (
-    Variant("bptt_window", "window", "none", "(c) from the window student, truncated BPTT only (the paper's path)"),
+    Variant(
+        "bptt_window", "window", "none", "(c) from the window student, truncated BPTT only (the paper's path)"
+    ),
     Variant("bptt_ode", "ode", "none", "(a)/(c) from the ODE init, truncated BPTT only"),
     Variant("dmd_window", "window", "dmd", "(b) from the window student + DMD on the state"),
     Variant("regress_window", "window", "regress", "(b) from the window student + state regression"),
@@ -197,81 +207,6 @@ class Plan:
         return s.steps + (self.budget(s.init_steps_from) if s.init_steps_from else 0)
 
 
-def format_value(value) -> str:
-    """A `--config.x=VALUE` string that ml_collections' config flags parse back to `value`."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        inner = ", ".join(format_value(v) for v in value)
-        return f"({inner},)" if len(value) == 1 else f"({inner})"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
-def override_flags(pairs: Sequence[tuple[str, object]]) -> list[str]:
-    return [f"--config.{k}={format_value(v)}" for k, v in pairs]
-
-
-def sampler_steps(n: int) -> tuple[float, ...]:
-    """`n` evenly spaced denoising timesteps from 1000 down to 1000 / n (the teacher's sampler)."""
-    return tuple(round(1000.0 - i * (1000.0 - 1000.0 / n) / max(n - 1, 1), 2) for i in range(n))
-
-
-def _common(p: Profile) -> list[tuple[str, object]]:
-    """Every stage's overrides: the model and the clip length."""
-    return [*p.model, ("data.panworld.num_frames", p.clip_frames), ("stream.max_frames", p.clip_frames)]
-
-
-def _train_argv(variant: str, workdir: str, pairs) -> tuple[str, ...]:
-    return (
-        PYTHON,
-        f"{REPO}/launch/train.py",
-        f"--config={REPO}/{BASE_CONFIG}:{variant}",
-        f"--workdir={workdir}",
-        *override_flags(pairs),
-    )
-
-
-def _eval_argv(p: Profile, variant: str, pairs, spec: str, out_dir: str, horizons, seeds, instrument: bool):
-    labels = ",".join(map(str, p.eval_labels))
-    return (
-        PYTHON,
-        f"{REPO}/launch/evaluate.py",
-        f"--config={REPO}/{BASE_CONFIG}:{variant}",
-        *override_flags(pairs),
-        f"--checkpoints={spec}",
-        f"--horizons={','.join(map(str, horizons))}",
-        f"--horizon_chunks={p.horizon_chunks}",
-        f"--seeds={','.join(map(str, seeds))}",
-        *([f"--labels={labels}"] if labels else []),
-        f"--bootstrap={p.bootstrap}",
-        f"--instrument={'true' if instrument else 'false'}",
-        f"--out_dir={out_dir}",
-    )
-
-
-def eval_stream(arm: Arm, p: Profile) -> dict:
-    """The stream fields an arm is evaluated with: its own, and for `full` a cache that holds the
-    longest horizon."""
-    stream = arm.stream_dict()
-    if arm.policy == "full":
-        stream["max_frames"] = p.eval_frames
-    return stream
-
-
-def models_spec(arms: Mapping[str, dict], models: Sequence[tuple[str, str, int | None]], spec_dir: str) -> str:
-    """The evaluation's JSON spec (`eval.arms`): arms {name: {policy, stream}} and checkpoints with
-    paths relative to the spec file's directory `spec_dir`. models: (arm, export dir, train seed)."""
-    import posixpath
-
-    checkpoints = [
-        dict(arm=a, path=posixpath.relpath(path, spec_dir), **({} if s is None else {"train_seed": s}))
-        for a, path, s in models
-    ]
-    return json.dumps(dict(arms=dict(arms), checkpoints=checkpoints), indent=1, sort_keys=True) + "\n"
-
-
 def _dmd_pairs(p: Profile, arm: Arm, steps_total: int, seed: int, init_from: str, teacher: str, switches=()):
     alpha = arm.alpha if arm.alpha is not None else p.baseline_alpha
     return [
@@ -322,7 +257,16 @@ def build(
         ("train.init_from", ""),
         ("train.ckpt_every", max(p.ckpt_every, p.teacher_steps // 10 or 1)),
     ]
-    add(Stage("teacher", "teacher", "teacher", "teacher/export/info.json", _train_argv("teacher", "teacher", teacher_pairs), expect_step=p.teacher_steps))
+    add(
+        Stage(
+            "teacher",
+            "teacher",
+            "teacher",
+            "teacher/export/info.json",
+            _train_argv("teacher", "teacher", teacher_pairs),
+            expect_step=p.teacher_steps,
+        )
+    )
     teacher = "teacher"
     if p.teacher_tf_steps:
         tf_pairs = [
@@ -333,7 +277,17 @@ def build(
             ("train.init_from", "teacher/export"),
             ("train.ckpt_every", max(p.ckpt_every, p.teacher_tf_steps // 10 or 1)),
         ]
-        add(Stage("teacher_tf", "teacher", "teacher_tf", "teacher_tf/export/info.json", _train_argv("teacher_tf", "teacher_tf", tf_pairs), deps=("teacher",), expect_step=p.teacher_tf_steps))
+        add(
+            Stage(
+                "teacher_tf",
+                "teacher",
+                "teacher_tf",
+                "teacher_tf/export/info.json",
+                _train_argv("teacher_tf", "teacher_tf", tf_pairs),
+                deps=("teacher",),
+                expect_step=p.teacher_tf_steps,
+            )
+        )
         teacher = "teacher_tf"
     teacher_export = f"{teacher}/export"
     check_spec = models_spec(
@@ -349,7 +303,16 @@ def build(
             "teacher_check",
             "teacher_check",
             "teacher_check/results.json",
-            _eval_argv(p, "teacher", check_pairs, "teacher_check/models.json", "teacher_check", (1,), p.teacher_check_seeds, False),
+            _eval_argv(
+                p,
+                "teacher",
+                check_pairs,
+                "teacher_check/models.json",
+                "teacher_check",
+                (1,),
+                p.teacher_check_seeds,
+                False,
+            ),
             deps=(teacher,),
             files=(("teacher_check/models.json", check_spec),),
         )
@@ -368,7 +331,17 @@ def build(
         ("train.init_from", teacher_export),
         ("train.teacher_path", teacher_export),
     ]
-    add(Stage("ode", "ode", "ode", "ode/export/info.json", _train_argv("ode,window", "ode", ode_pairs), deps=(teacher,), expect_step=p.ode_steps))
+    add(
+        Stage(
+            "ode",
+            "ode",
+            "ode",
+            "ode/export/info.json",
+            _train_argv("ode,window", "ode", ode_pairs),
+            deps=(teacher,),
+            expect_step=p.ode_steps,
+        )
+    )
 
     # --- DMD: the window student's first half (the adastate arms may start from it) ------------
     window = ARM_BY_NAME["window"]
@@ -376,7 +349,18 @@ def build(
     def window_half(seed: int) -> str:
         name = f"dmd/window_half_s{seed}"
         pairs = _dmd_pairs(p, window, half, seed, "ode/export", teacher_export, [])
-        add(Stage(name, "dmd", name, f"{name}/export/info.json", _train_argv("dmd,window", name, pairs), deps=("ode", teacher), steps=half, expect_step=half))
+        add(
+            Stage(
+                name,
+                "dmd",
+                name,
+                f"{name}/export/info.json",
+                _train_argv("dmd,window", name, pairs),
+                deps=("ode", teacher),
+                steps=half,
+                expect_step=half,
+            )
+        )
         return name
 
     def adastate_stage(arm: Arm, variant: Variant, seed: int, group: str, pending: bool) -> Stage:
@@ -391,7 +375,18 @@ def build(
             pairs = _dmd_pairs(p, arm, p.dmd_steps, seed, "ode/export", teacher_export, switches)
             deps, steps, inherited = ("ode", teacher), p.dmd_steps, "ode"
         return add(
-            Stage(name, group, name, f"{name}/export/info.json", _train_argv(f"dmd,{arm.policy}", name, pairs), deps=deps, steps=steps, init_steps_from=inherited, expect_step=steps, pending=pending)
+            Stage(
+                name,
+                group,
+                name,
+                f"{name}/export/info.json",
+                _train_argv(f"dmd,{arm.policy}", name, pairs),
+                deps=deps,
+                steps=steps,
+                init_steps_from=inherited,
+                expect_step=steps,
+                pending=pending,
+            )
         )
 
     # --- the state-learning ablation (one training seed, alpha 2) ------------------------------
@@ -399,11 +394,15 @@ def build(
     ablation_models, variants = [], []
     for vname in p.variants:
         if vname not in VARIANT_BY_NAME:
-            raise ValueError(f"profile {p.name}: unknown ablation variant {vname!r}; known {list(VARIANT_BY_NAME)}")
+            raise ValueError(
+                f"profile {p.name}: unknown ablation variant {vname!r}; known {list(VARIANT_BY_NAME)}"
+            )
         st = adastate_stage(ablation_arm, VARIANT_BY_NAME[vname], p.ablation_seed, "ablation", False)
         variants.append(vname)
         ablation_models.append(TrainedModel(f"adastate_{vname}", p.ablation_seed, st.name, vname))
-    abl_arms = {m.arm: {"policy": "adastate", "stream": eval_stream(ablation_arm, p)} for m in ablation_models}
+    abl_arms = {
+        m.arm: {"policy": "adastate", "stream": eval_stream(ablation_arm, p)} for m in ablation_models
+    }
     abl_spec = models_spec(abl_arms, [(m.arm, m.export, m.train_seed) for m in ablation_models], "ablation")
     add(
         Stage(
@@ -411,17 +410,37 @@ def build(
             "ablation",
             "ablation",
             "ablation/results.json",
-            _eval_argv(p, "dmd", _common(p), "ablation/models.json", "ablation", ablation_horizons(p), p.ablation_eval_seeds, False),
+            _eval_argv(
+                p,
+                "dmd",
+                _common(p),
+                "ablation/models.json",
+                "ablation",
+                ablation_horizons(p),
+                p.ablation_eval_seeds,
+                False,
+            ),
             deps=tuple(m.stage for m in ablation_models),
             files=(("ablation/models.json", abl_spec),),
         )
     )
-    add(Stage("ablation/winner", "ablation", "ablation", "ablation/winner.json", action="pick_winner", deps=("ablation/eval",)))
+    add(
+        Stage(
+            "ablation/winner",
+            "ablation",
+            "ablation",
+            "ablation/winner.json",
+            action="pick_winner",
+            deps=("ablation/eval",),
+        )
+    )
 
     # --- DMD: every main arm x training seed (equal DMD steps after the ODE init) ---------------
     fixed = p.adastate_variant  # a profile may fix the main arms' variant (they then do not wait)
     if fixed and fixed not in VARIANT_BY_NAME:
-        raise ValueError(f"profile {p.name}: adastate_variant={fixed!r} is not a variant of {list(VARIANT_BY_NAME)}")
+        raise ValueError(
+            f"profile {p.name}: adastate_variant={fixed!r} is not a variant of {list(VARIANT_BY_NAME)}"
+        )
     chosen = VARIANT_BY_NAME[fixed or winner or variants[0]]
     if winner and winner not in variants:
         raise ValueError(f"ablation winner {winner!r} is not among this plan's variants {variants}")
@@ -432,7 +451,20 @@ def build(
                 start = window_half(seed)
                 name = f"dmd/window_s{seed}"
                 pairs = _dmd_pairs(p, arm, p.dmd_steps, seed, "ode/export", teacher_export, [])
-                add(Stage(name, "dmd", name, f"{name}/export/info.json", _train_argv("dmd,window", name, pairs), deps=(start,), steps=p.dmd_steps - half, init_steps_from=start, resume_from=start, expect_step=p.dmd_steps))
+                add(
+                    Stage(
+                        name,
+                        "dmd",
+                        name,
+                        f"{name}/export/info.json",
+                        _train_argv("dmd,window", name, pairs),
+                        deps=(start,),
+                        steps=p.dmd_steps - half,
+                        init_steps_from=start,
+                        resume_from=start,
+                        expect_step=p.dmd_steps,
+                    )
+                )
                 models.append(TrainedModel(arm.name, seed, name))
             elif arm.adastate:
                 st = adastate_stage(arm, chosen, seed, "dmd", winner is None and not fixed)
@@ -440,7 +472,19 @@ def build(
             else:
                 name = f"dmd/{arm.name}_s{seed}"
                 pairs = _dmd_pairs(p, arm, p.dmd_steps, seed, "ode/export", teacher_export, [])
-                add(Stage(name, "dmd", name, f"{name}/export/info.json", _train_argv(f"dmd,{arm.policy}", name, pairs), deps=("ode", teacher), steps=p.dmd_steps, init_steps_from="ode", expect_step=p.dmd_steps))
+                add(
+                    Stage(
+                        name,
+                        "dmd",
+                        name,
+                        f"{name}/export/info.json",
+                        _train_argv(f"dmd,{arm.policy}", name, pairs),
+                        deps=("ode", teacher),
+                        steps=p.dmd_steps,
+                        init_steps_from="ode",
+                        expect_step=p.dmd_steps,
+                    )
+                )
                 models.append(TrainedModel(arm.name, seed, name))
 
     # --- evaluation: every model, 8 prompts x sampling seeds, horizons 1..6x in one rollout ----
@@ -468,7 +512,7 @@ def build(
         arm = ARM_BY_NAME[arm_name]
         model = next(m for m in models if m.arm == arm_name and m.train_seed == first)
         stream = eval_stream(arm, p)
-        pairs = [(k, v) for k, v in _common(p) if k[len("stream."):] not in stream]
+        pairs = [(k, v) for k, v in _common(p) if k[len("stream.") :] not in stream]
         pairs += [(f"stream.{k}", v) for k, v in stream.items()]
         argv = (
             PYTHON,
@@ -497,4 +541,13 @@ def build(
             always=True,
         )
     )
-    return Plan(p, seeds, winner, tuple(variants), tuple(stages.values()), tuple(models), tuple(ablation_models), tuple(dict.fromkeys(notes)))
+    return Plan(
+        p,
+        seeds,
+        winner,
+        tuple(variants),
+        tuple(stages.values()),
+        tuple(models),
+        tuple(ablation_models),
+        tuple(dict.fromkeys(notes)),
+    )

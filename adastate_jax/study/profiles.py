@@ -125,7 +125,13 @@ _register(
         name="toy",
         summary="pipeline test: a 1-layer DiT, a few steps per stage, 1 training seed, 1 prompt",
         model=_pairs(
-            {"model.dim": 32, "model.num_heads": 2, "model.num_layers": 1, "model.ffn_dim": 64, "model.freq_dim": 16}
+            {
+                "model.dim": 32,
+                "model.num_heads": 2,
+                "model.num_layers": 1,
+                "model.ffn_dim": 64,
+                "model.freq_dim": 16,
+            }
         ),
         clip_frames=6,
         teacher_steps=2,
@@ -150,8 +156,16 @@ _register(
         teacher_check_sampler_steps=2,
         ckpt_every=5,
         step_seconds=_pairs(
-            {"teacher": 0.1, "ode": 0.2, "dmd": 0.5, "eval_chunk": 0.2, "rollout_chunk": 0.1,
-             "compile": 20.0, "compile_cached": 8.0, "process": 8.0}
+            {
+                "teacher": 0.1,
+                "ode": 0.2,
+                "dmd": 0.5,
+                "eval_chunk": 0.2,
+                "rollout_chunk": 0.1,
+                "compile": 20.0,
+                "compile_cached": 8.0,
+                "process": 8.0,
+            }
         ),
     )
 )
@@ -194,9 +208,19 @@ _register(
         teacher_check_seeds=(0, 1),
         bootstrap=1000,
         step_seconds=_pairs(
-            {"teacher": 2.2, "teacher_tf": 5.5, "ode": 6.0, "dmd": 2.0, "dmd_adastate": 3.2,
-             "eval_chunk": 0.4, "rollout_chunk": 0.4, "compile": 40.0, "compile_dmd": 60.0,
-             "compile_cached": 15.0, "process": 20.0}
+            {
+                "teacher": 2.2,
+                "teacher_tf": 5.5,
+                "ode": 6.0,
+                "dmd": 2.0,
+                "dmd_adastate": 3.2,
+                "eval_chunk": 0.4,
+                "rollout_chunk": 0.4,
+                "compile": 40.0,
+                "compile_dmd": 60.0,
+                "compile_cached": 15.0,
+                "process": 20.0,
+            }
         ),
     )
 )
@@ -230,9 +254,18 @@ _register(
         max_parallel=12,
         env=_pairs({"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}),
         step_seconds=_pairs(
-            {"teacher": 0.03, "teacher_tf": 0.05, "ode": 0.08, "dmd": 0.12, "eval_chunk": 0.02,
-             "rollout_chunk": 0.02, "compile": 20.0, "compile_dmd": 60.0, "compile_cached": 5.0,
-             "process": 10.0}
+            {
+                "teacher": 0.03,
+                "teacher_tf": 0.05,
+                "ode": 0.08,
+                "dmd": 0.12,
+                "eval_chunk": 0.02,
+                "rollout_chunk": 0.02,
+                "compile": 20.0,
+                "compile_dmd": 60.0,
+                "compile_cached": 5.0,
+                "process": 10.0,
+            }
         ),
     )
 )

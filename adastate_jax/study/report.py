@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from adastate_jax import files
-from adastate_jax.study import decide, plan as plan_lib, runner
+from adastate_jax.study import decide, runner
+from adastate_jax.study import plan as plan_lib
 
 REPORT = "report"
 KEY_METRICS = ("progression", "return", "pull", "code_conf", "conf_drift", "flicker")
@@ -84,7 +85,9 @@ def table(rows: Sequence[Mapping], metrics: Sequence[str] = KEY_METRICS, seed_ro
         if not seed_rows and r["train_seed"] not in (decide.ALL_SEEDS,) and len(r.get("train_seeds", [])) > 1:
             continue
         seed = "-" if r["train_seed"] is None else str(r["train_seed"])
-        cells = [f"{r['horizon']}x", r["arm"], seed, str(r.get("videos", ""))] + [_fmt(r.get(m)) for m in metrics]
+        cells = [f"{r['horizon']}x", r["arm"], seed, str(r.get("videos", ""))] + [
+            _fmt(r.get(m)) for m in metrics
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -118,7 +121,16 @@ def attention_summary(results: Mapping, key_frames: Mapping[str, tuple[int, int,
         for span, part in spans.items():
             mean = np.nanmean(part, axis=0) if part.size else np.full(3, np.nan)
             ratio = float(mean[0] / (a / total)) if a and total else float("nan")
-            out.append(dict(arm=arm, span=span, anchor=float(mean[0]), window=float(mean[1]), current=float(mean[2]), anchor_vs_uniform=ratio))
+            out.append(
+                dict(
+                    arm=arm,
+                    span=span,
+                    anchor=float(mean[0]),
+                    window=float(mean[1]),
+                    current=float(mean[2]),
+                    anchor_vs_uniform=ratio,
+                )
+            )
     return out
 
 
@@ -139,7 +151,10 @@ def attention_table(summary: Sequence[Mapping]) -> str:
     ]
     for r in summary:
         ratio = "n/a" if not math.isfinite(r["anchor_vs_uniform"]) else f"{r['anchor_vs_uniform']:.2f}"
-        lines.append(f"| {r['arm']} | {r['span']} | {r['anchor']:.3f} | {r['window']:.3f} | {r['current']:.3f} | {ratio} |")
+        lines.append(
+            f"| {r['arm']} | {r['span']} | {r['anchor']:.3f} | {r['window']:.3f} | {r['current']:.3f} "
+            f"| {ratio} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -207,7 +222,12 @@ def state_strip(run_dir: str, arm: str, out_png: str, out_gif: str, pw: Mapping,
     state_t = np.repeat(state, per_chunk, axis=0)[: vid.shape[0]]
     n = min(len(state_t), len(vid))
     written = eval_report.write_side_by_side(
-        out_gif, [vid[:n], state_t[:n]], [f"{arm} video", "decoded state"], min_tile=96, fps=8.0, formats=(".gif",)
+        out_gif,
+        [vid[:n], state_t[:n]],
+        [f"{arm} video", "decoded state"],
+        min_tile=96,
+        fps=8.0,
+        formats=(".gif",),
     )
     return out_png, written[0]
 
@@ -240,8 +260,26 @@ def timings(run_dir: str, plan: plan_lib.Plan) -> dict:
 
 
 def budgets(plan: plan_lib.Plan) -> list[dict]:
-    rows = [dict(arm=m.arm, train_seed=m.train_seed, stage=m.stage, dmd_steps=plan.budget(m.stage), variant=m.variant) for m in plan.models]
-    rows += [dict(arm=m.arm, train_seed=m.train_seed, stage=m.stage, dmd_steps=plan.budget(m.stage), variant=m.variant) for m in plan.ablation_models]
+    rows = [
+        dict(
+            arm=m.arm,
+            train_seed=m.train_seed,
+            stage=m.stage,
+            dmd_steps=plan.budget(m.stage),
+            variant=m.variant,
+        )
+        for m in plan.models
+    ]
+    rows += [
+        dict(
+            arm=m.arm,
+            train_seed=m.train_seed,
+            stage=m.stage,
+            dmd_steps=plan.budget(m.stage),
+            variant=m.variant,
+        )
+        for m in plan.ablation_models
+    ]
     return rows
 
 
@@ -300,7 +338,13 @@ def write(run_dir: str, plan: plan_lib.Plan, command: str = "") -> dict:
         if sbs:
             videos.append(os.path.basename(sbs))
         for arm in (a.name for a in plan_lib.ARMS if a.adastate):
-            got = state_strip(run_dir, arm, os.path.join(out, f"{arm}_state_strip.png"), os.path.join(out, f"{arm}_state.gif"), pw)
+            got = state_strip(
+                run_dir,
+                arm,
+                os.path.join(out, f"{arm}_state_strip.png"),
+                os.path.join(out, f"{arm}_state.gif"),
+                pw,
+            )
             if got:
                 videos += [os.path.basename(x) for x in got]
 
@@ -311,10 +355,24 @@ def write(run_dir: str, plan: plan_lib.Plan, command: str = "") -> dict:
         profile=p.name,
         profile_summary=p.summary,
         train_seeds=list(plan.train_seeds),
-        arms=[dict(name=a.name, policy=a.policy, stream=a.stream_dict(), alpha=a.alpha if a.alpha is not None else p.baseline_alpha, reference=a.reference) for a in plan_lib.ARMS],
+        arms=[
+            dict(
+                name=a.name,
+                policy=a.policy,
+                stream=a.stream_dict(),
+                alpha=a.alpha if a.alpha is not None else p.baseline_alpha,
+                reference=a.reference,
+            )
+            for a in plan_lib.ARMS
+        ],
         budgets=budgets(plan),
         teacher_check=dict(row=teacher_row, bar=bar, sampler_steps=p.teacher_check_sampler_steps),
-        ablation=dict(criterion=plan_lib.CRITERION, variants=[dict(name=v, question=plan_lib.VARIANT_BY_NAME[v].question) for v in plan.variants], winner=winner, rows=_rows(ablation_res)),
+        ablation=dict(
+            criterion=plan_lib.CRITERION,
+            variants=[dict(name=v, question=plan_lib.VARIANT_BY_NAME[v].question) for v in plan.variants],
+            winner=winner,
+            rows=_rows(ablation_res),
+        ),
         rows=main_rows,
         verdict=verdict,
         attention=attention,
@@ -322,7 +380,9 @@ def write(run_dir: str, plan: plan_lib.Plan, command: str = "") -> dict:
         notes=list(plan.notes),
         files=sorted(copied + videos),
     )
-    files.write_text_atomic(os.path.join(out, "study.json"), tidy(json.dumps(_json_safe(study), indent=1), run_dir))
+    files.write_text_atomic(
+        os.path.join(out, "study.json"), tidy(json.dumps(_json_safe(study), indent=1), run_dir)
+    )
     files.write_text_atomic(os.path.join(out, "README.md"), tidy(markdown(study, plan, main_res), run_dir))
     return study
 
@@ -381,36 +441,69 @@ def markdown(study: Mapping, plan: plan_lib.Plan, main_res: Mapping | None) -> s
         out += [f"![side by side]({SIDE_BY_SIDE}.gif)", ""]
     for a in (a.name for a in plan_lib.ARMS if a.adastate):
         if f"{a}_state_strip.png" in study["files"]:
-            out += [f"Decoded state of `{a}` over the rollout:", "", f"![{a} state]({a}_state_strip.png)", "", f"![{a} video and state]({a}_state.gif)", ""]
+            out += [
+                f"Decoded state of `{a}` over the rollout:",
+                "",
+                f"![{a} state]({a}_state_strip.png)",
+                "",
+                f"![{a} video and state]({a}_state.gif)",
+                "",
+            ]
     t = study["teacher_check"]
     out += ["## The teacher inside its clip (issue 10 item 3)", ""]
     if t["row"]:
-        out.append(f"`full` cache, {p.teacher_check_sampler_steps}-step sampler, 1x ({p.clip_frames} frames): "
-                   + ", ".join(f"{m} {_fmt(t['row'].get(m))}" for m in ("progression", "return", "code_conf", "pull")))
+        out.append(
+            f"`full` cache, {p.teacher_check_sampler_steps}-step sampler, 1x ({p.clip_frames} frames): "
+            + ", ".join(
+                f"{m} {_fmt(t['row'].get(m))}" for m in ("progression", "return", "code_conf", "pull")
+            )
+        )
         out.append("")
         for c in t["bar"]["checks"]:
             v = "n/a" if not math.isfinite(c["value"]) else f"{c['value']:.3g}"
-            out.append(f"- {c['metric']} {c['field']} {v} {c['op']} {c['bound']}: {'met' if c['ok'] else 'NOT met'}")
+            out.append(
+                f"- {c['metric']} {c['field']} {v} {c['op']} {c['bound']}: {'met' if c['ok'] else 'NOT met'}"
+            )
         out += ["", f"The teacher {'meets' if t['bar']['ok'] else 'does NOT meet'} the bar.", ""]
     else:
         out += ["(not yet)", ""]
     ab = study["ablation"]
-    out += ["## How the state learns: the ablation", "", f"Criterion (declared before it ran): {ab['criterion']}", ""]
+    out += [
+        "## How the state learns: the ablation",
+        "",
+        f"Criterion (declared before it ran): {ab['criterion']}",
+        "",
+    ]
     if ab["winner"]:
         w = ab["winner"]
         out += ["| variant | question | code_conf | score | eligible |", "|---|---|---|---|---|"]
         questions = {v["name"]: v["question"] for v in ab["variants"]}
         for r in w["table"]:
-            out.append(f"| {r['variant']} | {questions.get(r['variant'], '')} | {r['code_conf']:.3g} | {r['score']:.3g} | {r['eligible']} |")
-        out += ["", f"Winner: **{w['winner']}**" + ("" if w["eligible_any"] else " (no variant reached the code-confidence bar: all were ranked)")
-                + "; the main adastate arms use it.", ""]
+            out.append(
+                f"| {r['variant']} | {questions.get(r['variant'], '')} | {r['code_conf']:.3g} "
+                f"| {r['score']:.3g} | {r['eligible']} |"
+            )
+        out += [
+            "",
+            f"Winner: **{w['winner']}**"
+            + ("" if w["eligible_any"] else " (no variant reached the code-confidence bar: all were ranked)")
+            + "; the main adastate arms use it.",
+            "",
+        ]
         if ab["rows"]:
             out += [table(ab["rows"]), ""]
     else:
         out += ["(not yet)", ""]
-    out += ["## Budgets: DMD steps after the shared ODE init", "", "| arm | train_seed | variant | DMD steps | stage |", "|---|---|---|---|---|"]
+    out += [
+        "## Budgets: DMD steps after the shared ODE init",
+        "",
+        "| arm | train_seed | variant | DMD steps | stage |",
+        "|---|---|---|---|---|",
+    ]
     for b in study["budgets"]:
-        out.append(f"| {b['arm']} | {b['train_seed']} | {b['variant'] or '-'} | {b['dmd_steps']} | `{b['stage']}` |")
+        out.append(
+            f"| {b['arm']} | {b['train_seed']} | {b['variant'] or '-'} | {b['dmd_steps']} | `{b['stage']}` |"
+        )
     out += ["", "## Time", "", "| group | seconds |", "|---|---|"]
     for g, sec in study["timings"]["per_group"].items():
         out.append(f"| {g} | {sec:.0f} |")

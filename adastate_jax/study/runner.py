@@ -326,7 +326,14 @@ class Runner:
         self.log(f"[study] {stage.name}: {state} -> running action {stage.action}")
         prepare(self.run_dir, stage, state, self.log)
         t0 = time.perf_counter()
-        record = dict(name=stage.name, group=stage.group, fingerprint=fingerprint, command=command_text(stage), started=_now(), status="running")
+        record = dict(
+            name=stage.name,
+            group=stage.group,
+            fingerprint=fingerprint,
+            command=command_text(stage),
+            started=_now(),
+            status="running",
+        )
         write_record(self.run_dir, stage.name, record)
         try:
             self.actions[stage.action](self.run_dir, plan)
@@ -338,7 +345,9 @@ class Runner:
             if isinstance(e, StageFailed):
                 raise
             raise StageFailed(f"{stage.name}: action {stage.action} failed: {type(e).__name__}: {e}") from e
-        record.update(status="done", finished=_now(), seconds=round(time.perf_counter() - t0, 1), returncode=0)
+        record.update(
+            status="done", finished=_now(), seconds=round(time.perf_counter() - t0, 1), returncode=0
+        )
         write_record(self.run_dir, stage.name, record)
         self.ran.append(stage.name)
 

@@ -13,15 +13,27 @@ def _m(mean, half=0.1):
 
 
 def _row(arm, h, progression=0.5, ret=0.5, code_conf=0.95, psnr=float("nan"), half=0.1, seed="all"):
-    return dict(arm=arm, horizon=h, train_seed=seed, progression=_m(progression, half),
-                **{"return": _m(ret, 0.05)}, code_conf=_m(code_conf, 0.02), psnr=_m(psnr, 0.5))
+    return dict(
+        arm=arm,
+        horizon=h,
+        train_seed=seed,
+        progression=_m(progression, half),
+        **{"return": _m(ret, 0.05)},
+        code_conf=_m(code_conf, 0.02),
+        psnr=_m(psnr, 0.5),
+    )
 
 
 def _rows(**ada):
     rows = []
     for h in (1, 4, 6):
-        rows += [_row("sink", h), _row("ema_sink", h, progression=0.4), _row("window", h, code_conf=0.95),
-                 _row("adastate_a2", h, progression=0.55), _row("adastate_a4", h, **ada)]
+        rows += [
+            _row("sink", h),
+            _row("ema_sink", h, progression=0.4),
+            _row("window", h, code_conf=0.95),
+            _row("adastate_a2", h, progression=0.55),
+            _row("adastate_a4", h, **ada),
+        ]
     return rows
 
 
@@ -49,11 +61,19 @@ def test_each_condition_can_fail_the_claim(ada, failing):
 
 
 def test_a_missing_row_fails_and_undefined_fidelity_does_not_decide():
-    rows = [r for r in _rows(progression=0.9, ret=0.2) if not (r["arm"] == "adastate_a4" and r["horizon"] == 6)]
+    rows = [
+        r for r in _rows(progression=0.9, ret=0.2) if not (r["arm"] == "adastate_a4" and r["horizon"] == 6)
+    ]
     got = decide.decide(rows)
     assert not got["arms"]["adastate_a4"]["present"] and got["arms"]["adastate_a4"]["met"] == 0
-    psnr = [c for r in decide.decide(_rows(progression=0.9, ret=0.2))["arms"]["adastate_a4"]["conditions"][3]["per_horizon"]
-            for c in r["checks"] if c["metric"] == "psnr"]
+    psnr = [
+        c
+        for r in decide.decide(_rows(progression=0.9, ret=0.2))["arms"]["adastate_a4"]["conditions"][3][
+            "per_horizon"
+        ]
+        for c in r["checks"]
+        if c["metric"] == "psnr"
+    ]
     assert psnr and all(c["ok"] is None for c in psnr)
 
 

@@ -20,7 +20,13 @@ def test_arms_have_equal_cached_frames():
         anchor = s.get("state_frames", 0) if arm.adastate else s.get("sink_frames", 0)
         assert anchor + s["window_frames"] == plan_lib.CACHED_FRAMES, arm
     assert {a.name for a in plan_lib.ARMS} == {
-        "window", "full", "sink", "ema_sink", "adastate_a2", "adastate_a4", "longlive"
+        "window",
+        "full",
+        "sink",
+        "ema_sink",
+        "adastate_a2",
+        "adastate_a4",
+        "longlive",
     }
     longlive = plan_lib.ARM_BY_NAME["longlive"].stream_dict()
     assert (longlive["sink_frames"], longlive["window_frames"]) == (3, 6)
@@ -79,8 +85,13 @@ def test_a_bad_override_is_refused_naming_the_stage():
     from adastate_jax import study
 
     plan = plan_lib.build(profiles.profile("toy"), winner="bptt_window")
-    bad = plan_lib.Stage("teacher", "teacher", "teacher", "teacher/export/info.json",
-                         (*plan.stage("teacher").argv, "--config.train.no_such_field=1"))
+    bad = plan_lib.Stage(
+        "teacher",
+        "teacher",
+        "teacher",
+        "teacher/export/info.json",
+        (*plan.stage("teacher").argv, "--config.train.no_such_field=1"),
+    )
     plan = plan_lib.Plan(plan.profile, plan.train_seeds, plan.winner, plan.variants, (bad,), (), (), ())
     with pytest.raises(ValueError, match="stage teacher: .*no_such_field"):
         study.validate(plan)
@@ -99,5 +110,7 @@ def test_estimates_fit_the_issue_budgets():
 def test_models_spec_paths_are_relative_to_the_spec():
     import json
 
-    spec = json.loads(plan_lib.models_spec({"w": {"policy": "window", "stream": {}}}, [("w", "dmd/w_s0/export", 0)], "eval"))
+    spec = json.loads(
+        plan_lib.models_spec({"w": {"policy": "window", "stream": {}}}, [("w", "dmd/w_s0/export", 0)], "eval")
+    )
     assert spec["checkpoints"] == [{"arm": "w", "path": "../dmd/w_s0/export", "train_seed": 0}]

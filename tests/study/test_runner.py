@@ -14,8 +14,12 @@ TOY = profiles.profile("toy")
 
 def _write(path, text):
     """A command writing `text` to `path` (relative to the run directory), appending to ran.txt."""
-    return ("{python}", "-c", f"import os; os.makedirs(os.path.dirname({path!r}) or '.', exist_ok=True); "
-            f"open({path!r}, 'w').write({text!r}); open('ran.txt', 'a').write({path!r} + '\\n')")
+    return (
+        "{python}",
+        "-c",
+        f"import os; os.makedirs(os.path.dirname({path!r}) or '.', exist_ok=True); "
+        f"open({path!r}, 'w').write({text!r}); open('ran.txt', 'a').write({path!r} + '\\n')",
+    )
 
 
 def _plan(a_text="a", b_text="b", b_fails=False):
@@ -50,7 +54,9 @@ def test_fingerprints_follow_commands_and_dependencies():
     changed_b = runner.fingerprints(_plan(b_text="B"))
     assert changed_a["a"] != base["a"] and changed_a["b"] != base["b"] and changed_a["c"] != base["c"]
     assert changed_b["a"] == base["a"] and changed_b["b"] != base["b"]
-    cyc = plan_lib.Plan(TOY, (0,), None, (), (plan_lib.Stage("x", "ode", "x", "x", ("p",), deps=("y",)),), (), (), ())
+    cyc = plan_lib.Plan(
+        TOY, (0,), None, (), (plan_lib.Stage("x", "ode", "x", "x", ("p",), deps=("y",)),), (), (), ()
+    )
     with pytest.raises(ValueError, match="depends on 'y'"):
         runner.fingerprints(cyc)
 
@@ -94,7 +100,9 @@ def test_a_training_stage_is_done_only_at_its_expected_step(tmp_path):
 
 def test_a_continuation_copies_the_checkpoints_it_continues(tmp_path):
     (tmp_path / "half" / "checkpoints" / "5").mkdir(parents=True)
-    stage = plan_lib.Stage("full", "dmd", "full", "full/export/info.json", ("p",), expect_step=10, resume_from="half")
+    stage = plan_lib.Stage(
+        "full", "dmd", "full", "full/export/info.json", ("p",), expect_step=10, resume_from="half"
+    )
     runner.prepare(str(tmp_path), stage, "new", log=lambda m: None)
     assert (tmp_path / "full" / "checkpoints" / "5").is_dir()
 

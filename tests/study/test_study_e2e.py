@@ -14,7 +14,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _study(out, *flags):
     return subprocess.run(
         [sys.executable, "launch/study.py", "--profile=toy", f"--out={out}", *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=3600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
 
 
@@ -33,7 +36,11 @@ def test_toy_study_end_to_end(tmp_path):
     assert study["verdict"]["text"] and study["ablation"]["winner"]["winner"]
     assert all(b["dmd_steps"] == 2 for b in study["budgets"])
     text = (report / "README.md").read_text()
-    assert "Verdict" in text and str(tmp_path) not in text and str(tmp_path) not in (report / "study.json").read_text()
+    assert (
+        "Verdict" in text
+        and str(tmp_path) not in text
+        and str(tmp_path) not in (report / "study.json").read_text()
+    )
     assert (report / "metrics_vs_time.png").exists()
     # again: every stage is skipped (only the report is rewritten)
     dry = _study(out, "--dry_run")
