@@ -1,0 +1,298 @@
+"""A profile's step times: measured (`launch/study.py --measure`) and turned into a plan's time
+estimate (`estimate_seconds`, `launch/study.py --dry_run`).
+
+`measure` runs, in `OUT/measure/`, the plan's own commands with few steps: the teacher and its
+fine-tune, the ODE init, DMD of window and adastate (with `every_arm`: also full, sink, LongLive's
+layout and the dmd / regress state losses; ema_sink is taken as sink's), window once more with
+another seed (a compile from the persistent cache), and the evaluation of one model at 1x and 2x the
+horizon (the difference is the per-chunk time). Step times come from each run's `metrics.jsonl`
+(median steps/s of the log windows after the first; the first window starts after compilation),
+compile times from its `compiled the train step in X s` line, process overhead from the wall time
+left over. It prints `step_seconds` for `study/profiles.py`.
+
+Must not know: what the stages compute; it reuses `study.plan`'s commands, only shortened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Mapping
+
+from adastate_jax import files
+from adastate_jax.study import plan as plan_lib
+from adastate_jax.study import runner
+from adastate_jax.study.plan import ARMS, Plan, Stage
+
+# (stage of the plan, key of step_seconds it measures); with `every_arm` False only the first
+# group: the other arms' steps are then taken as window's (full, sink, ema_sink, longlive) or as
+# adastate's (the dmd and regress state losses) by `estimate_seconds`
+TRAIN_PROBES = (
+    ("teacher", "teacher"),
+    ("teacher_tf", "teacher_tf"),
+    ("ode", "ode"),
+    ("dmd/window_half_s{s}", "dmd_window"),
+    ("dmd/adastate_a2_bptt_window_s{s}", "dmd_adastate"),
+)
+MORE_PROBES = (
+    ("dmd/adastate_a2_dmd_window_s{s}", "dmd_adastate_dmd"),
+    ("dmd/full_s{s}", "dmd_full"),
+    ("dmd/sink_s{s}", "dmd_sink"),
+    ("dmd/longlive_s{s}", "dmd_longlive"),
+    ("dmd/adastate_a2_regress_window_s{s}", "dmd_adastate_regress"),
+)
+_SET = (
+    "--config.train.steps=",
+    "--config.train.log_every=",
+    "--config.train.ckpt_every=",
+    "--config.train.seed=",
+)
+
+
+def _shorten(argv, steps: int, seed: int | None = None) -> list[str]:
+    words = [w for w in argv if not w.startswith(_SET)]
+    words += [
+        f"--config.train.steps={steps}",
+        f"--config.train.log_every={max(1, steps // 4)}",
+        f"--config.train.ckpt_every={steps}",
+    ]
+    if seed is not None:
+        words.append(f"--config.train.seed={seed}")
+    return words
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _run(argv, cwd: str, env: dict, log: str) -> tuple[float, float]:
+    """-> (wall seconds, CPU seconds of the command, all its threads)"""
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    with open(log, "w") as fh:
+        rc = subprocess.run(
+            runner.resolve(argv), cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT
+        ).returncode
+    if rc:
+        raise RuntimeError(f"measure: {' '.join(argv[:3])} failed (exit {rc}); log {log}")
+    return time.perf_counter() - t0, _cpu_seconds() - c0
+
+
+def _train_numbers(workdir: str, log: str, wall: float, steps: int, cpu: float | None = None) -> dict:
+    """Step, compile and process seconds of a probe. With `cpu` (the probe's CPU seconds) every
+    phase is scaled by cpu / wall: the CPU seconds it took, which is what it costs on a machine
+    where it has one core to itself, whatever else ran beside it (`cpu_scale` records the factor)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    sps = [r["steps_per_s"] for r in rows[1:]] or [r["steps_per_s"] for r in rows]
+    step = 1.0 / statistics.median(sps)
+    with open(log) as fh:
+        found = re.findall(r"compiled the train step in ([0-9.]+)s", fh.read())
+    compile_s = float(found[-1]) if found else float("nan")
+    scale = 1.0 if cpu is None else cpu / wall
+    step, compile_s = step * scale, compile_s * scale
+    return dict(
+        step=step,
+        compile=compile_s,
+        process=max(0.0, wall * scale - compile_s - step * steps),
+        wall=wall,
+        cpu_scale=scale,
+    )
+
+
+def measure(
+    profile: plan_lib.Profile,
+    out: str,
+    env: dict,
+    steps: int = 6,
+    every_arm: bool = False,
+    cpu_time: bool = True,
+    log=print,
+) -> dict:
+    """Run the probes in OUT/measure/ -> dict(step_seconds, runs). `cpu_time`: report CPU seconds
+    (each phase scaled by the probe's CPU / wall time: robust to other jobs on a shared CPU machine,
+    and what a probe costs with one core; with two idle cores it runs faster). False: wall seconds
+    (an accelerator, where the host CPU is not the work)."""
+    root = os.path.abspath(os.path.join(out, "measure"))
+    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+    seed = profile.train_seeds[0]
+    plan = plan_lib.build(profile, winner=profile.variants[0])
+    runs, numbers = {}, {}
+
+    def train(stage_name: str, key: str, seed_override=None, tag=""):
+        stage = plan.stage(stage_name.format(s=seed))
+        name = (stage.name + tag).replace("/", "__")
+        argv = _shorten(stage.argv, steps, seed_override)
+        argv = [f"--workdir={stage.workdir}{tag}" if w.startswith("--workdir=") else w for w in argv]
+        wd = os.path.join(root, stage.workdir + tag)
+        if os.path.exists(wd):
+            import shutil
+
+            shutil.rmtree(wd)
+        log_file = os.path.join(root, "logs", name + ".log")
+        wall, cpu = _run(argv, root, env, log_file)
+        got = _train_numbers(wd, log_file, wall, steps, cpu if cpu_time else None)
+        runs[name] = dict(key=key, **got)
+        log(
+            f"[measure] {stage.name}{tag}: {got['step']:.3f} s/step, compile {got['compile']:.1f} s, "
+            f"process {got['process']:.1f} s ({'CPU' if cpu_time else 'wall'} seconds; wall {wall:.0f} s)"
+        )
+        return got
+
+    for stage_name, key in TRAIN_PROBES + (MORE_PROBES if every_arm else ()):
+        if stage_name not in plan.names and stage_name.format(s=seed) not in plan.names:
+            continue
+        got = train(stage_name, key)
+        numbers[key] = round(got["step"], 3)
+    again = train(TRAIN_PROBES[3][0], "dmd_window", seed_override=seed + 1, tag="_again")
+    compiles = [
+        r["compile"] for k, r in runs.items() if not k.endswith("_again") and not r["key"].startswith("dmd")
+    ]
+    dmd_compiles = [
+        r["compile"] for k, r in runs.items() if not k.endswith("_again") and r["key"].startswith("dmd")
+    ]
+    numbers["compile"] = round(statistics.median(compiles), 1)
+    numbers["compile_dmd"] = round(statistics.median(dmd_compiles), 1)
+    numbers["compile_cached"] = round(again["compile"], 1)
+    numbers["process"] = round(statistics.median(r["process"] for r in runs.values()), 1)
+    numbers["dmd"] = numbers["dmd_window"]
+    if "dmd_sink" in numbers:
+        numbers["dmd_ema_sink"] = numbers["dmd_sink"]  # the same program but for the merge of one frame
+
+    # evaluation: one model, one sampling seed, every prompt, 1x and 2x the horizon
+    stage = plan.stage("eval")
+    spec = plan_lib.models_spec(
+        {
+            "window": {
+                "policy": "window",
+                "stream": plan_lib.eval_stream(plan_lib.ARM_BY_NAME["window"], profile),
+            }
+        },
+        [("window", plan.stage(f"dmd/window_half_s{seed}").workdir + "/export", seed)],
+        "eval",
+    )
+    files.write_text_atomic(os.path.join(root, "eval", "models.json"), spec)
+    walls = []
+    for h in (1, 2):
+        argv = [w for w in stage.argv if not w.startswith(("--horizons=", "--seeds=", "--out_dir="))]
+        argv += [f"--horizons={h}", "--seeds=0", f"--out_dir=eval/h{h}"]
+        wall, cpu = _run(argv, root, env, os.path.join(root, "logs", f"eval_h{h}.log"))
+        walls.append(cpu if cpu_time else wall)
+        log(
+            f"[measure] eval at {h}x ({h * profile.horizon_chunks} chunks): {walls[-1]:.0f} s "
+            f"({wall:.0f} s wall)"
+        )
+    numbers["eval_chunk"] = round(max(walls[1] - walls[0], 0.0) / profile.horizon_chunks, 3)
+    numbers["rollout_chunk"] = numbers["eval_chunk"]
+    result = dict(
+        profile=profile.name,
+        steps=steps,
+        cpu_time=cpu_time,
+        step_seconds=numbers,
+        runs=runs,
+        eval_seconds=walls,
+    )
+    files.write_json_atomic(os.path.join(root, "step_seconds.json"), result)
+    log("[measure] step_seconds=_pairs(" + json.dumps(numbers) + ")")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# The time estimate from the profile's measured step times
+# ------------------------------------------------------------------------------------------------
+
+_PER_RUN_WORDS = ("--workdir=", "--config.train.seed=", "--config.train.steps=", "--config.train.init_from=")
+
+
+def _program_key(stage: Stage) -> tuple:
+    """What a training stage compiles: its command without the words that do not change the
+    program (workdir, seed, step count, init); stages with one key share a cached compilation."""
+    return tuple(w for w in stage.argv if not w.startswith(_PER_RUN_WORDS))
+
+
+def step_key(stage: Stage) -> str:
+    """The `step_seconds` key of a training stage's step: teacher / teacher_tf / ode, or
+    dmd_<arm> (dmd_adastate_<state loss> for an adastate run with a direct state loss)."""
+    if stage.group == "teacher" or stage.name == "ode":
+        return stage.name
+    arm = next(
+        (a for a in sorted(ARMS, key=lambda a: -len(a.name)) if stage.workdir.startswith(f"dmd/{a.name}_")),
+        None,
+    )
+    if arm is None:
+        return "dmd_window"  # dmd/window_half_s*
+    if arm.adastate:
+        loss = next(
+            (w.split("=", 1)[1] for w in stage.argv if w.startswith("--config.train.state_loss=")), "none"
+        )
+        return "dmd_adastate" if loss == "none" else f"dmd_adastate_{loss}"
+    return f"dmd_{arm.name}"
+
+
+def estimate_seconds(plan: Plan) -> dict:
+    """Seconds of every stage from `Profile.step_seconds` (see `study.profiles.Profile`): per
+    training stage process + compile (or compile_cached for a program compiled before in the run)
+    + steps x its step time (`step_key`, falling back to `dmd`/`teacher`); per evaluation models x
+    sampling seeds x chunks x eval_chunk (+ a cached compile per arm); per showcase rollout its
+    chunks x rollout_chunk. -> dict(per_stage, per_group, total)"""
+    p = plan.profile
+    sec = dict(p.step_seconds)
+    seen: set[tuple] = set()
+    per_stage = {}
+    for s in plan.stages:
+        t = sec["process"] if s.argv else 0.0
+        if s.expect_step:
+            key = _program_key(s)
+            fresh = (
+                sec.get("compile_dmd", sec["compile"]) if s.group in ("dmd", "ablation") else sec["compile"]
+            )
+            t += sec["compile_cached"] if key in seen else fresh
+            seen.add(key)
+            k = step_key(s)
+            per_step = sec.get(
+                k,
+                sec.get(
+                    k.rsplit("_", 1)[0] if k.startswith("dmd_adastate_") else k,
+                    sec["teacher"] if s.group == "teacher" else sec["dmd"],
+                ),
+            )
+            t += per_step * (s.expect_step - (plan.budget(s.init_steps_from) if s.resume_from else 0))
+        elif s.group in ("eval", "teacher_check", "ablation") and s.argv:
+            spec = json.loads(dict(s.files)[f"{s.workdir}/models.json"])
+            seeds = next(w for w in s.argv if w.startswith("--seeds=")).split("=")[1].split(",")
+            horizons = next(w for w in s.argv if w.startswith("--horizons=")).split("=")[1].split(",")
+            chunks = max(map(int, horizons)) * p.horizon_chunks
+            # the teacher check samples with more denoising steps than the students' 4
+            factor = p.teacher_check_sampler_steps / 4 if s.group == "teacher_check" else 1.0
+            t += len(spec["checkpoints"]) * len(seeds) * chunks * sec["eval_chunk"] * factor
+            t += len(spec["arms"]) * sec["compile_cached"]
+        elif s.group == "showcase":
+            t += p.eval_chunks * sec["rollout_chunk"] + sec["compile_cached"]
+        per_stage[s.name] = t
+    per_group = {}
+    for s in plan.stages:
+        per_group[s.group] = per_group.get(s.group, 0.0) + per_stage[s.name]
+    work = sum(per_stage.values())
+    total = makespan(plan, per_stage, p.max_parallel)
+    return dict(per_stage=per_stage, per_group=per_group, work=work, total=total, max_parallel=p.max_parallel)
+
+
+def makespan(plan: Plan, seconds: Mapping[str, float], workers: int) -> float:
+    """Wall time of the plan when its stages run as `study.runner.Runner` runs them: in plan order,
+    a stage once its dependencies are done, up to `workers` at once (pending stages included, as
+    they will run once the ablation decides)."""
+    import heapq
+
+    end: dict[str, float] = {}
+    free = [0.0] * max(1, workers)
+    for s in plan.stages:  # plan order is a topological order (a stage's deps come first)
+        t0 = max([heapq.heappop(free), *(end[d] for d in s.deps)])
+        end[s.name] = t0 + seconds[s.name]
+        heapq.heappush(free, end[s.name])
+    return max(end.values(), default=0.0)
