@@ -260,7 +260,7 @@ def timings(run_dir: str, plan: plan_lib.Plan) -> dict:
 
 
 def budgets(plan: plan_lib.Plan) -> list[dict]:
-    rows = [
+    return [
         dict(
             arm=m.arm,
             train_seed=m.train_seed,
@@ -268,19 +268,8 @@ def budgets(plan: plan_lib.Plan) -> list[dict]:
             dmd_steps=plan.budget(m.stage),
             variant=m.variant,
         )
-        for m in plan.models
+        for m in (*plan.models, *plan.ablation_models)
     ]
-    rows += [
-        dict(
-            arm=m.arm,
-            train_seed=m.train_seed,
-            stage=m.stage,
-            dmd_steps=plan.budget(m.stage),
-            variant=m.variant,
-        )
-        for m in plan.ablation_models
-    ]
-    return rows
 
 
 def write(run_dir: str, plan: plan_lib.Plan, command: str = "") -> dict:
