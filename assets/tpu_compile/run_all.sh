@@ -17,7 +17,10 @@ run() {  # run GROUP ARGS...
 
 group() {
   case $1 in
-    v5p_128) run v5p_128 --config=configs/wan_1_3b_tpu.py:v5p-128 --topologies=v5p:4x4x4 --stages=teacher,ode,dmd:adastate ;;
+    # v5p_128.json was written by a run with --stages=teacher,ode,dmd:adastate; its DMD compile
+    # did not finish (v5p_128.log stops during it): the DMD stages are their own group
+    v5p_128) run v5p_128 --config=configs/wan_1_3b_tpu.py:v5p-128 --topologies=v5p:4x4x4 --stages=teacher,ode ;;
+    v5p_128_dmd) run v5p_128_dmd --config=configs/wan_1_3b_tpu.py:v5p-128 --topologies=v5p:4x4x4 --stages=dmd:adastate,dmd:sink ;;
     v5e_256) run v5e_256 --config=configs/wan_1_3b_tpu.py:v5e-256 --topologies=v5e:16x16 --stages=teacher,ode,dmd:adastate ;;
     v5p_64) run v5p_64 --config=configs/wan_1_3b_tpu.py:v5p-64 --topologies=v5p:2x4x4 --stages=teacher,ode,dmd:adastate ;;
     teacher14b) run teacher14b --config=configs/wan_1_3b_tpu.py:v5p-128,teacher14b --topologies=v5p:4x4x4 --stages=dmd:adastate ;;
@@ -27,6 +30,6 @@ group() {
   esac
 }
 
-for g in "${@:-v5p_128 stream_1_3b stream_14b v5e_256 teacher14b v5p_64}"; do
+for g in "${@:-v5p_128 stream_1_3b stream_14b v5p_128_dmd teacher14b v5e_256 v5p_64}"; do
   for one in $g; do group "$one"; done
 done
