@@ -177,6 +177,7 @@ def measure(
         [("window", plan.stage(f"dmd/window_half_s{seed}").workdir + "/export", seed)],
         "eval",
     )
+    os.makedirs(os.path.join(root, "eval"), exist_ok=True)
     files.write_text_atomic(os.path.join(root, "eval", "models.json"), spec)
     walls = []
     for h in (1, 2):
