@@ -187,8 +187,11 @@ _register(
 #   batch, instrumented, dim 128) took 232 s, 0.46 s per model-seed-chunk with its compiles.
 # Scaling: dim 64 halves the attention and quarters the linear layers (x0.45); teacher forcing
 # doubles the sequence (x2.5 at 21 frames); batch 4 halves ODE/DMD; a 7-chunk DMD rollout ~x2.3 of
-# 3 chunks. Run `python launch/study.py --profile=cpu --out=runs/measure_cpu --measure` on a quiet
-# machine (~20 CPU-minutes) and paste its step_seconds here before launching.
+# 3 chunks. MEASURED since (`python launch/study.py --profile=cpu --out=runs/measure_cpu --measure`,
+# CPU seconds, 2 cores, a TPU compile beside it): teacher 2.41 s/step (compile 39 s), teacher_tf
+# 5.11 (53 s), ODE 5.11 (55 s), DMD window 8.36 / 8.71 (compile 124 s; 23 s from the cache),
+# DMD adastate 9.23 (139 s), process start 25-45 s; the evaluation probe did not run. With them
+# the profile as sized here does NOT fit 2.5 h (see `--dry_run`): shrink it before launching.
 _register(
     Profile(
         name="cpu",
@@ -209,17 +212,17 @@ _register(
         bootstrap=1000,
         step_seconds=_pairs(
             {
-                "teacher": 2.2,
-                "teacher_tf": 5.5,
-                "ode": 6.0,
-                "dmd": 2.0,
-                "dmd_adastate": 3.2,
-                "eval_chunk": 0.4,
+                "teacher": 2.4,
+                "teacher_tf": 5.1,
+                "ode": 5.1,
+                "dmd": 8.5,
+                "dmd_adastate": 9.2,
+                "eval_chunk": 0.4,  # not measured (the measuring run stopped before it)
                 "rollout_chunk": 0.4,
-                "compile": 40.0,
-                "compile_dmd": 60.0,
-                "compile_cached": 15.0,
-                "process": 20.0,
+                "compile": 50.0,
+                "compile_dmd": 135.0,
+                "compile_cached": 23.0,
+                "process": 35.0,
             }
         ),
     )
