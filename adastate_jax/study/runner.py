@@ -320,12 +320,8 @@ class Runner:
             for s, h in old.items():
                 signal.signal(s, h)
 
-    def _run_action(self, stage: Stage, fingerprint: str, state: str, plan: Plan) -> None:
-        if stage.action not in self.actions:
-            raise StageFailed(f"{stage.name}: no action {stage.action!r} (known: {sorted(self.actions)})")
-        self.log(f"[study] {stage.name}: {state} -> running action {stage.action}")
-        prepare(self.run_dir, stage, state, self.log)
-        t0 = time.perf_counter()
+    def _begin(self, stage: Stage, fingerprint: str, **extra) -> dict:
+        """The stage's record as it starts (status 'running'), written to RUN_DIR/stages/."""
         record = dict(
             name=stage.name,
             group=stage.group,
@@ -333,8 +329,18 @@ class Runner:
             command=command_text(stage),
             started=_now(),
             status="running",
+            **extra,
         )
         write_record(self.run_dir, stage.name, record)
+        return record
+
+    def _run_action(self, stage: Stage, fingerprint: str, state: str, plan: Plan) -> None:
+        if stage.action not in self.actions:
+            raise StageFailed(f"{stage.name}: no action {stage.action!r} (known: {sorted(self.actions)})")
+        self.log(f"[study] {stage.name}: {state} -> running action {stage.action}")
+        prepare(self.run_dir, stage, state, self.log)
+        t0 = time.perf_counter()
+        record = self._begin(stage, fingerprint)
         try:
             self.actions[stage.action](self.run_dir, plan)
             if not finished(self.run_dir, stage):
@@ -355,18 +361,13 @@ class Runner:
         prepare(self.run_dir, stage, state, self.log)
         log_file = log_path(self.run_dir, stage.name)
         previous = read_record(self.run_dir, stage.name) if state == "resume" else None
-        record = dict(
-            name=stage.name,
-            group=stage.group,
-            fingerprint=fingerprint,
-            command=command_text(stage),
-            started=_now(),
-            status="running",
+        record = self._begin(
+            stage,
+            fingerprint,
             log=os.path.relpath(log_file, self.run_dir),
             attempts=(previous or {}).get("attempts", 0) + 1,
             seconds_before=round((previous or {}).get("seconds_total", 0.0), 1),
         )
-        write_record(self.run_dir, stage.name, record)
         self.log(f"[study] {stage.name}: {state} -> {record['command'][:200]}")
         fh = open(log_file, "a")
         fh.write(f"\n===== {record['started']} {state}: {record['command']}\n")
