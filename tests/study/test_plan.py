@@ -99,6 +99,7 @@ def test_a_bad_override_is_refused_naming_the_stage():
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,  # only the budget: an error in the estimate itself fails the test
     reason="issue 10: with the measured step times (DMD 8.5-9.2 s/step, 135 s compiles) the cpu profile "
     "estimates 3.6 h, over the 2.5 h budget; the profile must be redesigned (strict: passing means fixed)",
 )
