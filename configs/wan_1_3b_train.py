@@ -1,7 +1,9 @@
 """The PanWorld recipe at Wan2.1-T2V-1.3B scale: teacher -> ODE init -> self-forcing DMD.
 
 `--config=configs/wan_1_3b_train.py:<stage>[,<anchor>][,<time layout>]` with the stages of
-`configs/panworld.py` (teacher | ode | dmd): the same `train` section and objectives, on the 1.3B
+`configs/panworld.py` (teacher | ode | dmd, and `ode,stored`: ODE init on the trajectories that
+`launch/make_ode_trajectories.py` wrote to `data/wan_ode_trajectories`, no teacher in the step):
+the same `train` section and objectives, on the 1.3B
 model (bf16 compute, fp32 params + Adam + EMA), 480x832 video (latents 60x104x16, 1560 tokens per
 latent frame), 21 latent frames = 7 chunks of 3 (Self-Forcing's length), pre-encoded ArrayRecord
 latents + UMT5 embeddings (`launch/encode_videos.py` writes them; `config.data.paths` must name
@@ -36,8 +38,11 @@ def get_config(arg=None):
     config.mesh.data, config.mesh.fsdp = 1, -1
 
     config.data = small.data
-    config.data.source = "arrayrecord"
-    config.data.paths = ("data/wan_latents",)  # launch/encode_videos.py --out
+    if config.data.source == "ode_trajectories":  # `ode,stored`: no teacher in the step
+        config.data.paths = ("data/wan_ode_trajectories",)  # launch/make_ode_trajectories.py --out_dir
+    else:
+        config.data.source = "arrayrecord"
+        config.data.paths = ("data/wan_latents",)  # launch/encode_videos.py --out
     config.data.video.num_frames = 81  # pixel frames -> 21 latent frames (launch/encode_videos.py)
     config.data.video.height, config.data.video.width = 480, 832
     config.data.worker_count = 8

@@ -259,3 +259,18 @@ def test_a_dmd_critic_update_costs_a_student_rollout_and_a_flow_matching_step():
     extra = aot.train_flops(two, 9) - aot.train_flops(one, 9)
     assert extra == pytest.approx(fm + rollout)
     assert aot.step_flops(one) is None and aot.step_flops(_run(fm_cfg), 9) == fm
+
+
+def test_stored_ode_trajectories_are_in_the_abstract_batch_and_no_teacher_is_loaded():
+    """`ode` on stored trajectories (`data.source='ode_trajectories'`, what fits v5e-256): the
+    compiled step's batch carries the trajectory [B, n steps, F, h, w, C], the state no teacher."""
+    cfg, _ = _tiny_stage("ode")
+    with cfg.unlocked():
+        cfg.data.source, cfg.data.paths = "ode_trajectories", ("unused",)
+    run = _run(cfg)
+    batch = aot.abstract_batch(run, 6)
+    n = len(run.exp.sampler.denoising_steps)
+    assert batch["trajectory"].shape == (run.exp.train.batch_size, n, *batch["latents"].shape[1:])
+    assert "teacher" not in run.pretrained
+    on_the_fly = _run(_tiny_stage("ode")[0])
+    assert "trajectory" not in aot.abstract_batch(on_the_fly, 6) and "teacher" in on_the_fly.pretrained

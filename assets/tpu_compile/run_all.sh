@@ -22,6 +22,8 @@ group() {
     v5p_128) run v5p_128 --config=configs/wan_1_3b_tpu.py:v5p-128 --topologies=v5p:4x4x4 --stages=teacher,ode ;;
     v5p_128_dmd) run v5p_128_dmd --config=configs/wan_1_3b_tpu.py:v5p-128 --topologies=v5p:4x4x4 --stages=dmd:adastate,dmd:sink ;;
     v5e_256) run v5e_256 --config=configs/wan_1_3b_tpu.py:v5e-256 --topologies=v5e:16x16 --stages=teacher,ode,dmd:adastate ;;
+    # ODE on the fly does not fit v5e-256 (the teacher's trajectory in the step); stored trajectories
+    v5e_256_ode_stored) run v5e_256_ode_stored --config=configs/wan_1_3b_tpu.py:v5e-256 --topologies=v5e:16x16 --stages=ode --config.data.source=ode_trajectories --config.data.paths=data/wan_ode_trajectories ;;
     v5p_64) run v5p_64 --config=configs/wan_1_3b_tpu.py:v5p-64 --topologies=v5p:2x4x4 --stages=teacher,ode,dmd:adastate ;;
     teacher14b) run teacher14b --config=configs/wan_1_3b_tpu.py:v5p-128,teacher14b --topologies=v5p:4x4x4 --stages=dmd:adastate ;;
     stream_1_3b) run stream_1_3b --config=configs/wan_1_3b_tpu.py:v5e-8 --topologies=v5e:2x4,v6e:2x4 --stages=step:adastate,segment:adastate ;;
