@@ -33,3 +33,50 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+
+# --------------------------------------------------------------------------------------------
+# where a test's time goes: `ADASTATE_COMPILE_REPORT=FILE pytest ...` appends one JSON line per
+# test (per xdist worker) with its wall time and, in this process, the seconds spent tracing,
+# lowering and XLA-compiling, the number of backend compiles and of persistent-cache hits.
+# Subprocesses a test starts are not counted (their time shows as wall time only).
+# --------------------------------------------------------------------------------------------
+
+_REPORT = os.environ.get("ADASTATE_COMPILE_REPORT")
+if _REPORT:
+    import json
+    import time
+
+    import pytest
+    from jax import monitoring
+
+    _EVENTS = {
+        "/jax/core/compile/backend_compile_duration": "compile_s",
+        "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+    }
+    _acc: dict = {}
+
+    def _on_duration(event, duration, **kwargs):
+        key = _EVENTS.get(event)
+        if key:
+            _acc[key] = _acc.get(key, 0.0) + duration
+            if key == "compile_s":
+                _acc["compiles"] = _acc.get("compiles", 0) + 1
+
+    def _on_event(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            _acc["cache_hits"] = _acc.get("cache_hits", 0) + 1
+
+    monitoring.register_event_duration_secs_listener(_on_duration)
+    monitoring.register_event_listener(_on_event)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        _acc.clear()
+        t0 = time.perf_counter()
+        yield
+        row = {"test": item.nodeid, "wall_s": round(time.perf_counter() - t0, 2)}
+        row.update({k: round(v, 2) if isinstance(v, float) else v for k, v in _acc.items()})
+        with open(_REPORT, "a") as fh:
+            fh.write(json.dumps(row) + "\n")

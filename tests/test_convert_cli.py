@@ -1,7 +1,10 @@
-"""launch/convert.py end to end, and the params checkpoint it writes (models/checkpoint_io.py).
+"""launch/convert.py end to end, the conversion job behind it (models/conversions.py), and the params
+checkpoint it writes (models/checkpoint_io.py).
 
 A tiny random diffusers `WanTransformer3DModel` is saved as safetensors, converted by the CLI in a
-subprocess, loaded back with `load_params`, and must reproduce the diffusers output."""
+subprocess (the one smoke test of the command line), loaded back with `load_params`, and must
+reproduce the diffusers output. Overwriting, bad checkpoints, Self-Forcing's EMA and LongLive's
+LoRA go through `conversions.convert`, the function the CLI calls, in this process."""
 
 import json
 import os
@@ -17,8 +20,9 @@ from jax.sharding import PartitionSpec as P
 
 from adastate_jax import config as config_lib
 from adastate_jax import sharding as shd
-from adastate_jax.models import checkpoint_io, wan, wan_params
-from adastate_jax.models.convert import convert_to_state, open_torch_checkpoint
+from adastate_jax.config import cli
+from adastate_jax.models import checkpoint_io, conversions, wan, wan_params
+from adastate_jax.models.convert import ConversionError, convert_to_state, open_torch_checkpoint
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -63,6 +67,27 @@ def _diffusers_model():
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return m
+
+
+def _config(**sections):
+    """configs/tiny.py with OVERRIDES applied (what the CLI builds from them), plus `sections`."""
+    cfg = cli.load_file(os.path.join(REPO, "configs", "tiny.py"))
+    for flag in OVERRIDES[1:]:
+        key, value = flag.removeprefix("--config.model.").split("=")
+        cfg.model[key] = int(value)
+    for section, fields in sections.items():
+        if isinstance(fields, dict):
+            cfg[section].update(fields)
+        else:
+            cfg[section] = fields
+    return cfg
+
+
+def convert(source, out, cfg=None, **kw):
+    """conversions.convert as launch/convert.py calls it; returns (info, printed lines)."""
+    lines = []
+    info = conversions.convert(cfg or _config(), str(source), str(out), log=lines.append, **kw)
+    return info, "\n".join(lines)
 
 
 def run_cli(*args):
@@ -138,24 +163,13 @@ def test_second_run_refuses_to_overwrite_unless_asked(converted):
     _, _, work, out, first = converted
     assert first.returncode == 0
     before = os.path.getmtime(out / "config.json")
-    refused = run_cli(f"--source={work / 'model.safetensors'}", f"--out={out}")
-    assert refused.returncode != 0
-    assert "already exists" in refused.stderr and "--overwrite" in refused.stderr
+    with pytest.raises(FileExistsError, match=r"already exists; pass --overwrite"):
+        convert(work / "model.safetensors", out)
     assert os.path.getmtime(out / "config.json") == before
 
-    # --overwrite replaces it; this run also converts straight onto a 2x2x2 mesh (--place=mesh)
-    again = run_cli(
-        f"--source={work / 'model.safetensors'}",
-        f"--out={out}",
-        "--overwrite",
-        "--config.seed=7",
-        "--place=mesh",
-        "--config.mesh.data=2",
-        "--config.mesh.fsdp=2",
-        "--config.mesh.tensor=2",
-        "--config.stream.batch_size=4",
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
+    # overwrite=True replaces it; this run also converts straight onto a 2x2x2 mesh (--place=mesh)
+    cfg = _config(seed=7, mesh=dict(data=2, fsdp=2, tensor=2), stream=dict(batch_size=4))
+    convert(work / "model.safetensors", out, cfg, overwrite=True, place="mesh")
     cfg, model_cfg = _loaded_config(out)
     assert cfg.seed == 7 and cfg.mesh.tensor == 2
     assert not [f for f in os.listdir(work) if f.startswith(".")]  # no temp / old dirs left
@@ -177,17 +191,17 @@ def test_bad_checkpoint_fails_naming_the_key_and_writes_nothing(converted, tmp_p
     del bad["blocks.1.attn1.to_q.weight"]
     save_file(bad, str(tmp_path / "bad.safetensors"))
     out = tmp_path / "never"
-    result = run_cli(f"--source={tmp_path / 'bad.safetensors'}", f"--out={out}")
-    assert result.returncode != 0
-    assert "cannot convert" in result.stderr
-    assert "blocks/self_attn/q/kernel[1]" in result.stderr and "blocks.1.attn1.to_q.weight" in result.stderr
+    with pytest.raises(ConversionError) as e:
+        convert(tmp_path / "bad.safetensors", out)
+    assert "cannot convert" in str(e.value)
+    assert "blocks/self_attn/q/kernel[1]" in str(e.value) and "blocks.1.attn1.to_q.weight" in str(e.value)
     assert not out.exists()
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 
 
 def test_self_forcing_checkpoint_with_use_ema(converted, tmp_path):
     """A Self-Forcing training checkpoint ({'generator', 'generator_ema'}, keys prefixed 'model.'):
-    --use_ema converts generator_ema, the default converts generator."""
+    use_ema converts generator_ema, the default converts generator."""
     m, sd, _, out, _ = converted
     sf = {
         "generator": {"model." + k: torch.zeros_like(v) for k, v in sd.items()},
@@ -195,9 +209,8 @@ def test_self_forcing_checkpoint_with_use_ema(converted, tmp_path):
     }
     torch.save(sf, tmp_path / "self_forcing.pt")
     ema_out = tmp_path / "ema"
-    result = run_cli(f"--source={tmp_path / 'self_forcing.pt'}", f"--out={ema_out}", "--use_ema")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert checkpoint_io.read_info(str(ema_out))["use_ema"] is True
+    info, _ = convert(tmp_path / "self_forcing.pt", ema_out, use_ema=True)
+    assert info["use_ema"] is True and checkpoint_io.read_info(str(ema_out))["use_ema"] is True
     _, model_cfg = _loaded_config(ema_out)
     abstract = wan.abstract_model(model_cfg)
     ema = nnx.to_pure_dict(checkpoint_io.load_params(str(ema_out), abstract))
@@ -208,7 +221,7 @@ def test_self_forcing_checkpoint_with_use_ema(converted, tmp_path):
 
 def test_longlive_base_is_refused_alone_and_converts_with_its_lora_merged(tmp_path):
     """LongLive's release layout (models/longlive_base.pt beside models/lora.pt): the base alone
-    is refused, naming the LoRA beside it; with --lora every adapted Linear is W + alpha/r B A."""
+    is refused, naming the LoRA beside it; with a LoRA every adapted Linear is W + alpha/r B A."""
     from tests.models.test_convert import save_longlive_pair
 
     cfg = wan.WanConfig(
@@ -222,17 +235,17 @@ def test_longlive_base_is_refused_alone_and_converts_with_its_lora_merged(tmp_pa
         out_channels=IN_CH,
     )
     sd, adapters, base, lora = save_longlive_pair(tmp_path, cfg, rank=4)
-    refused = run_cli(f"--source={base}", f"--out={tmp_path / 'never'}")
-    assert refused.returncode != 0
-    assert "looks like the base generator of a LongLive run" in refused.stderr
-    assert str(lora) in refused.stderr and "--lora=PATH" in refused.stderr and "--lora=none" in refused.stderr
+    with pytest.raises(ValueError) as e:
+        convert(base, tmp_path / "never")
+    refused = str(e.value)
+    assert "looks like the base generator of a LongLive run" in refused
+    assert str(lora) in refused and "--lora=PATH" in refused and "--lora=none" in refused
     assert not (tmp_path / "never").exists()
 
     out = tmp_path / "longlive"
-    result = run_cli(f"--source={base}", f"--lora={lora}", "--lora_alpha=2", "--lora_rank=4", f"--out={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "LoRA: 20 adapters merged" in result.stdout and "layout: original (detected)" in result.stdout
-    info = checkpoint_io.read_info(str(out))
+    info, printed = convert(base, out, lora=str(lora), lora_alpha=2.0, lora_rank=4)
+    assert "LoRA: 20 adapters merged" in printed and "layout: original (detected)" in printed
+    assert checkpoint_io.read_info(str(out)) == info
     assert info["lora"] == str(lora) and info["lora_adapters"] == 20
     assert info["lora_ranks"] == [4] and info["lora_scales"] == [0.5]
     _, model_cfg = _loaded_config(out)

@@ -1,66 +1,53 @@
-"""launch/convert.py for the VAE and the UMT5 encoder (the DiT is covered in test_convert_cli.py)."""
+"""The conversion job of launch/convert.py (`conversions.convert`, in this process) for the VAE and the
+UMT5 encoder (the DiT and the command line itself are covered in test_convert_cli.py)."""
 
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from adastate_jax.models import checkpoint_io, umt5, vae
+from adastate_jax.config import cli
+from adastate_jax.models import checkpoint_io, conversions, umt5, vae
+from adastate_jax.models.convert import ConversionError
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 
-from tests.subproc import child_env  # noqa: E402
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args):
-    env = child_env()
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "launch", "convert.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
+def _tiny():
+    return cli.load_file(os.path.join(REPO, "configs", "tiny.py"))
 
 
-def test_convert_cli_vae_diffusers_layout_matches_direct_loader(tmp_path):
+def _convert(cfg, model, source, out):
+    """conversions.convert as `launch/convert.py --model=MODEL` calls it; returns the printed lines."""
+    lines = []
+    conversions.convert(cfg, str(source), str(out), model=model, log=lines.append)
+    return "\n".join(lines)
+
+
+def test_convert_vae_diffusers_layout_matches_direct_loader(tmp_path):
     torch.manual_seed(0)
     m = diffusers.AutoencoderKLWan(
         base_dim=8, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, False]
     )
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "vae.safetensors"))
     vcfg = vae.WanVAEConfig.tiny(dim_mult=(1, 2, 2), temporal_downsample=(True, False))
-    cfg_file = tmp_path / "vae_cfg.py"
-    cfg_file.write_text(
-        "import importlib.util, os\n"
-        f"spec = importlib.util.spec_from_file_location('tiny', {os.path.join(REPO, 'configs', 'tiny.py')!r})\n"
-        "tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)\n"
-        "def get_config(arg=None):\n"
-        "    c = tiny.get_config(arg)\n"
-        "    c.vae.kind = 'wan'\n"
-        "    c.vae.wan.update(dict(base_dim=8, num_res_blocks=1, dim_mult=(1, 2, 2), temporal_downsample=(True, False)))\n"
-        "    with c.vae.wan.unlocked():\n"
-        "        c.vae.wan.latents_mean = c.vae.wan.latents_std = None\n"
-        "    return c\n"
+    cfg = _tiny()
+    cfg.vae.kind = "wan"
+    cfg.vae.wan.update(
+        dict(base_dim=8, num_res_blocks=1, dim_mult=(1, 2, 2), temporal_downsample=(True, False))
     )
-    r = _run(
-        "--model=vae",
-        f"--config={cfg_file}",
-        f"--source={tmp_path / 'vae.safetensors'}",
-        f"--out={tmp_path / 'out'}",
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "layout: diffusers (detected)" in r.stdout
+    with cfg.vae.wan.unlocked():
+        cfg.vae.wan.latents_mean = cfg.vae.wan.latents_std = None
+    printed = _convert(cfg, "vae", tmp_path / "vae.safetensors", tmp_path / "out")
+    assert "layout: diffusers (detected)" in printed
     graphdef, abstract = vae.abstract_model(vcfg)
     params = checkpoint_io.load_params(str(tmp_path / "out"), abstract)
     direct = nnx.split(vae.load_wan_vae(str(tmp_path / "vae.safetensors"), vcfg))[1]
@@ -77,7 +64,7 @@ def jax_leaves(tree):
     return jax.tree.leaves(tree)
 
 
-def test_convert_cli_umt5_hf_layout_and_missing_key_error(tmp_path):
+def test_convert_umt5_hf_layout_and_missing_key_error(tmp_path):
     torch.manual_seed(0)
     hf_cfg = transformers.UMT5Config(
         vocab_size=128,
@@ -94,23 +81,20 @@ def test_convert_cli_umt5_hf_layout_and_missing_key_error(tmp_path):
     m = transformers.UMT5EncoderModel(hf_cfg).eval()
     sd = {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
     save_file(sd, str(tmp_path / "t5.safetensors"))
-    cfg_file = tmp_path / "t5_cfg.py"
-    cfg_file.write_text(
-        "import importlib.util, ml_collections\n"
-        f"spec = importlib.util.spec_from_file_location('tiny', {os.path.join(REPO, 'configs', 'tiny.py')!r})\n"
-        "tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)\n"
-        "def get_config(arg=None):\n"
-        "    c = tiny.get_config(arg)\n"
-        "    c.text.umt5 = ml_collections.ConfigDict(dict(vocab_size=128, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_layers=2, relative_attention_num_buckets=8, relative_attention_max_distance=16))\n"
-        "    return c\n"
+    cfg = _tiny()
+    cfg.text.umt5 = ml_collections.ConfigDict(
+        dict(
+            vocab_size=128,
+            d_model=32,
+            d_kv=8,
+            d_ff=48,
+            num_heads=4,
+            num_layers=2,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+        )
     )
-    r = _run(
-        "--model=umt5",
-        f"--config={cfg_file}",
-        f"--source={tmp_path / 't5.safetensors'}",
-        f"--out={tmp_path / 'out'}",
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    _convert(cfg, "umt5", tmp_path / "t5.safetensors", tmp_path / "out")
     ucfg = umt5.UMT5Config(
         vocab_size=128,
         d_model=32,
@@ -133,12 +117,6 @@ def test_convert_cli_umt5_hf_layout_and_missing_key_error(tmp_path):
     # a missing layer weight: non-zero exit, the key named, nothing written
     del sd["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
     save_file(sd, str(tmp_path / "bad.safetensors"))
-    r = _run(
-        "--model=umt5",
-        f"--config={cfg_file}",
-        f"--source={tmp_path / 'bad.safetensors'}",
-        f"--out={tmp_path / 'bad_out'}",
-    )
-    assert r.returncode != 0
-    assert "encoder.block.1.layer.1.DenseReluDense.wo.weight" in r.stderr
+    with pytest.raises(ConversionError, match=r"encoder\.block\.1\.layer\.1\.DenseReluDense\.wo\.weight"):
+        _convert(cfg, "umt5", tmp_path / "bad.safetensors", tmp_path / "bad_out")
     assert not (tmp_path / "bad_out").exists()

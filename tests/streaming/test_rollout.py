@@ -325,15 +325,16 @@ def test_ten_thousand_chunk_rollout_stays_finite(model):
 
 
 def test_step_is_differentiable_through_the_carry(model):
-    """Training through the recurrence: gradients of a loss on chunk 2 reach the params through the
-    adaptive state committed at chunks 0-1, and stopping the carry's gradient changes them."""
+    """Training through the recurrence: gradients of a loss on chunk 1 reach the params through the
+    adaptive state committed at chunk 0, and stopping the carry's gradient changes them (two chunks
+    of one denoising step each: the smallest program with a commit between two reads)."""
     _, _, params, prompts = model
-    st = _streamer(model, anchor="adastate", sampler=SamplerConfig(denoising_steps=(1000, 500)))
+    st = _streamer(model, anchor="adastate", sampler=SamplerConfig(denoising_steps=(1000,)))
     carry0 = st.init_carry(params, prompts, jax.random.key(0))
 
     def loss(p, detach):
         c = carry0
-        for _ in range(3):
+        for _ in range(2):
             c, out = st.step(p, c, jnp.int32(0), prompts)
             if detach:
                 c = jax.lax.stop_gradient(c)
