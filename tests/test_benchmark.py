@@ -1,5 +1,6 @@
-"""launch/benchmark.py end to end (subprocess, tiny config, a few chunks). No timed assertions:
-only that every promised number is there, finite where it must be, and consistent."""
+"""launch/benchmark.py end to end (subprocess, tiny config, a few chunks) and its memory mode through
+the library (`adastate_jax/eval/benchmark.py`). No timed assertions: only that every promised number
+is there, finite where it must be, and consistent."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.subproc import child_env
 
@@ -80,18 +82,27 @@ MEMORY_COLUMNS = [
 ]
 
 
-def test_memory_mode_reports_peak_host_and_device_memory_per_length(tmp_path):
-    out = tmp_path / "mem.json"
-    res = _run(
-        ["--policies=window", "--memory_lengths=6,3", "--segment_chunks=2", f"--json={out}"], timeout=600
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    header = next(line for line in res.stdout.splitlines() if line.strip().startswith("policy"))
-    assert header.split() == MEMORY_COLUMNS
-    report = json.loads(out.read_text())
-    assert report["columns"] == MEMORY_COLUMNS and report["num_chunks"] == [3, 6]
-    rows = report["results"]
-    assert [(r["policy"], r["chunks"]) for r in rows] == [("window", 3), ("window", 6)]  # ascending
+def test_memory_rows_report_peak_host_and_device_memory_per_length(tmp_path):
+    """--memory_lengths mode, through the library calls launch/benchmark.py makes (in process)."""
+    import jax.numpy as jnp
+
+    from adastate_jax import build
+    from adastate_jax import config as config_lib
+    from adastate_jax.config import cli
+    from adastate_jax.eval import benchmark as bench
+
+    lengths = bench.parse_lengths("6,3")
+    assert lengths == [3, 6]  # ascending: ratios are over the shortest
+    with pytest.raises(ValueError, match="--memory_lengths='0,3'"):
+        bench.parse_lengths("0,3")
+    exp = config_lib.parse(cli.load_file(os.path.join(ROOT, "configs", "tiny.py")))
+    dit = build.dit(exp, "")
+    decoder, decoder_params = build.decoder(exp, "")
+    table = jnp.zeros((1, exp.stream.batch_size, exp.model.text_len, exp.model.text_dim), jnp.float32)
+    rows = bench.memory_rows(exp, "window", lengths, dit, decoder, decoder_params, table, segment_chunks=2)
+    header = bench.format_table(rows, bench.MEMORY_COLUMNS).splitlines()[0]
+    assert header.split() == MEMORY_COLUMNS == list(bench.MEMORY_COLUMNS)
+    assert [(r["policy"], r["chunks"]) for r in rows] == [("window", 3), ("window", 6)]
     for r in rows:
         assert r["video_frames"] == 3 * r["chunks"]  # launch/rollout.py's loop wrote every frame
         assert r["rss_peak_mb"] > 0 and r["rss_growth_mb"] >= 0
