@@ -64,47 +64,28 @@ def jax_leaves(tree):
     return jax.tree.leaves(tree)
 
 
+UMT5_SHAPE = dict(
+    vocab_size=128,
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_heads=4,
+    num_layers=2,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+)  # transformers' UMT5Config, our config.text.umt5 and umt5.UMT5Config share these names
+
+
 def test_convert_umt5_hf_layout_and_missing_key_error(tmp_path):
     torch.manual_seed(0)
-    hf_cfg = transformers.UMT5Config(
-        vocab_size=128,
-        d_model=32,
-        d_kv=8,
-        d_ff=48,
-        num_heads=4,
-        num_layers=2,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-    )
+    hf_cfg = transformers.UMT5Config(**UMT5_SHAPE, feed_forward_proj="gated-gelu", dropout_rate=0.0)
     m = transformers.UMT5EncoderModel(hf_cfg).eval()
     sd = {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
     save_file(sd, str(tmp_path / "t5.safetensors"))
     cfg = _tiny()
-    cfg.text.umt5 = ml_collections.ConfigDict(
-        dict(
-            vocab_size=128,
-            d_model=32,
-            d_kv=8,
-            d_ff=48,
-            num_heads=4,
-            num_layers=2,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-        )
-    )
+    cfg.text.umt5 = ml_collections.ConfigDict(UMT5_SHAPE)
     _convert(cfg, "umt5", tmp_path / "t5.safetensors", tmp_path / "out")
-    ucfg = umt5.UMT5Config(
-        vocab_size=128,
-        d_model=32,
-        d_kv=8,
-        d_ff=48,
-        num_heads=4,
-        num_layers=2,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-    )
+    ucfg = umt5.UMT5Config(**UMT5_SHAPE)
     graphdef, abstract = nnx.split(umt5.abstract_encoder(ucfg))
     params = checkpoint_io.load_params(str(tmp_path / "out"), abstract)
     ids = np.random.default_rng(0).integers(0, 128, (2, 7))
