@@ -30,6 +30,7 @@ group() {
     # what might make 1.3B streaming fit v5e-8: a bf16 Wan-VAE decoder (does not), no decoder in the step
     stream_1_3b_v5e_bf16vae) run stream_1_3b_v5e_bf16vae --config=configs/wan_1_3b_tpu.py:v5e-8 --topologies=v5e:2x4 --stages=step:adastate --config.vae.wan.dtype=bfloat16 ;;
     stream_1_3b_v5e_novae) run stream_1_3b_v5e_novae --config=configs/wan_1_3b_tpu.py:v5e-8 --topologies=v5e:2x4 --stages=step:adastate --config.vae.kind=none ;;
+    stream_14b_v5e_novae) run stream_14b_v5e_novae --config=configs/wan_14b_tpu.py:v5e-8 --topologies=v5e:2x4 --stages=step:adastate --config.vae.kind=none ;;
     stream_14b) run stream_14b --config=configs/wan_14b_tpu.py:v5e-8 --topologies=v5e:2x4,v6e:2x4 --stages=step:adastate,segment:adastate ;;
     *) echo "unknown group $1"; return 2 ;;
   esac
