@@ -36,6 +36,6 @@ group() {
   esac
 }
 
-for g in "${@:-v5p_128 stream_1_3b stream_14b v5p_128_dmd teacher14b v5e_256 v5p_64}"; do
+for g in "${@:-v5p_128 v5p_128_dmd teacher14b v5p_64 v5e_256 v5e_256_ode_stored stream_1_3b stream_14b stream_1_3b_v5e_bf16vae stream_1_3b_v5e_novae stream_14b_v5e_novae}"; do
   for one in $g; do group "$one"; done
 done
