@@ -346,21 +346,18 @@ def build(
     # --- DMD: the window student's first half (the adastate arms may start from it) ------------
     window = ARM_BY_NAME["window"]
 
+    def dmd_stage(name: str, policy: str, pairs, group: str = "dmd", **kw) -> Stage:
+        """A DMD training stage into RUN_DIR/NAME, done when its export's info.json exists."""
+        return add(
+            Stage(
+                name, group, name, f"{name}/export/info.json", _train_argv(f"dmd,{policy}", name, pairs), **kw
+            )
+        )
+
     def window_half(seed: int) -> str:
         name = f"dmd/window_half_s{seed}"
         pairs = _dmd_pairs(p, window, half, seed, "ode/export", teacher_export, [])
-        add(
-            Stage(
-                name,
-                "dmd",
-                name,
-                f"{name}/export/info.json",
-                _train_argv("dmd,window", name, pairs),
-                deps=("ode", teacher),
-                steps=half,
-                expect_step=half,
-            )
-        )
+        dmd_stage(name, "window", pairs, deps=("ode", teacher), steps=half, expect_step=half)
         return name
 
     def adastate_stage(arm: Arm, variant: Variant, seed: int, group: str, pending: bool) -> Stage:
@@ -374,19 +371,16 @@ def build(
         else:
             pairs = _dmd_pairs(p, arm, p.dmd_steps, seed, "ode/export", teacher_export, switches)
             deps, steps, inherited = ("ode", teacher), p.dmd_steps, "ode"
-        return add(
-            Stage(
-                name,
-                group,
-                name,
-                f"{name}/export/info.json",
-                _train_argv(f"dmd,{arm.policy}", name, pairs),
-                deps=deps,
-                steps=steps,
-                init_steps_from=inherited,
-                expect_step=steps,
-                pending=pending,
-            )
+        return dmd_stage(
+            name,
+            arm.policy,
+            pairs,
+            group,
+            deps=deps,
+            steps=steps,
+            init_steps_from=inherited,
+            expect_step=steps,
+            pending=pending,
         )
 
     # --- the state-learning ablation (one training seed, alpha 2) ------------------------------
@@ -451,19 +445,15 @@ def build(
                 start = window_half(seed)
                 name = f"dmd/window_s{seed}"
                 pairs = _dmd_pairs(p, arm, p.dmd_steps, seed, "ode/export", teacher_export, [])
-                add(
-                    Stage(
-                        name,
-                        "dmd",
-                        name,
-                        f"{name}/export/info.json",
-                        _train_argv("dmd,window", name, pairs),
-                        deps=(start,),
-                        steps=p.dmd_steps - half,
-                        init_steps_from=start,
-                        resume_from=start,
-                        expect_step=p.dmd_steps,
-                    )
+                dmd_stage(
+                    name,
+                    "window",
+                    pairs,
+                    deps=(start,),
+                    steps=p.dmd_steps - half,
+                    init_steps_from=start,
+                    resume_from=start,
+                    expect_step=p.dmd_steps,
                 )
                 models.append(TrainedModel(arm.name, seed, name))
             elif arm.adastate:
@@ -472,18 +462,14 @@ def build(
             else:
                 name = f"dmd/{arm.name}_s{seed}"
                 pairs = _dmd_pairs(p, arm, p.dmd_steps, seed, "ode/export", teacher_export, [])
-                add(
-                    Stage(
-                        name,
-                        "dmd",
-                        name,
-                        f"{name}/export/info.json",
-                        _train_argv(f"dmd,{arm.policy}", name, pairs),
-                        deps=("ode", teacher),
-                        steps=p.dmd_steps,
-                        init_steps_from="ode",
-                        expect_step=p.dmd_steps,
-                    )
+                dmd_stage(
+                    name,
+                    arm.policy,
+                    pairs,
+                    deps=("ode", teacher),
+                    steps=p.dmd_steps,
+                    init_steps_from="ode",
+                    expect_step=p.dmd_steps,
                 )
                 models.append(TrainedModel(arm.name, seed, name))
 
