@@ -51,7 +51,8 @@ def _batch_fields(run, frames: int) -> dict[str, tuple[tuple[int, ...], np.dtype
         return {"video": ((b, frames, pw.frame_height, pw.frame_width, 3), np.float32)}
     clip = (frames, sc.latent_h, sc.latent_w, mc.in_channels)
     out = {"latents": ((b, *clip), np.float32)}
-    if exp.data.source == "ode_trajectories":  # stored ODE trajectories (data/trajectories.py)
+    if exp.data.source == "ode_trajectories":  # stored ODE trajectories (data/trajectories.py), in
+        # float32, their default storage dtype (a float16 / bfloat16 store halves these arguments)
         out["trajectory"] = ((b, len(exp.sampler.denoising_steps), *clip), np.float32)
     if exp.text.kind == "words":
         out["prompt_ids"] = ((b, mc.text_len), np.int32)
