@@ -285,17 +285,20 @@ class Segment:
 class CameraTracker:
     """The decoded camera position and progression of a stream, fed chunk by chunk.
 
-    `add(frames [T, H, W, 3], prompt)` reads each frame's position from PanWorld's code band
-    (`panworld.decode_position`, unwrapped across chunks) and compares every camera step d_t with
+    `add(frames [T, H, W, 3], prompt)` reads each frame's code bands and tracks the camera across
+    chunks as `panworld.track_positions` tracks a whole video (each step from the fine band, whole
+    periods from the coarse band: `panworld.camera_steps`), and compares every camera step d_t with
     the step g_t the frame's prompt requests (its path restarted where the prompt starts). The
     progression is `metrics.progression_ratio`'s: sum sign(g_t) d_t / sum |g_t|, per prompt
-    segment and overall. Memory: O(number of prompt segments)."""
+    segment and overall. `first_x` is the first frame's own reading (`panworld.decode_position`).
+    Memory: O(number of prompt segments)."""
 
     def __init__(self, pw: panworld.PanWorldConfig | None = None, exp: Experiment | None = None):
         self.pw = pw or panworld_of(exp)
         self.segments: list[Segment] = []
         self.frames = 0
         self.first_x = self.last_x = float("nan")
+        self._last_bands: tuple[float, float] | None = None  # (fine, coarse) reading of the last frame
         self._confidence = 0.0
 
     def add(self, frames: np.ndarray, prompt: str) -> None:
@@ -306,14 +309,14 @@ class CameraTracker:
             return
         pw = view_config(self.pw, *frames.shape[1:3])
         prompt = check_prompt(prompt, flag="prompt")
-        x, confidence = panworld.decode_position(frames, pw, return_confidence=True)  # [T] wrapped
-        if self.frames == 0:
-            x = panworld.unwrap_positions(x, pw.world_width)
-            self.first_x = float(x[0])
-            steps = np.diff(x)
+        fine, coarse, confidence = panworld.decode_bands(frames, pw)  # [T] each
+        if self._last_bands is None:
+            self.first_x = self.last_x = float(panworld.decode_position(frames[:1], pw)[0])
         else:
-            x = panworld.unwrap_positions(np.concatenate([[self.last_x], x]), pw.world_width)
-            steps, x = np.diff(x), x[1:]
+            fine = np.concatenate([[self._last_bands[0]], fine])
+            coarse = np.concatenate([[self._last_bands[1]], coarse])
+        steps = panworld.camera_steps(fine, coarse, pw)
+        self._last_bands = (float(fine[-1]), float(coarse[-1]))
         if not self.segments or self.segments[-1].prompt != prompt:
             self.segments.append(Segment(prompt, self.frames))
         seg = self.segments[-1]
@@ -325,7 +328,7 @@ class CameraTracker:
         seg.along += float((np.sign(g) * steps).sum())
         seg.moved += float(steps.sum())
         self.frames += frames.shape[0]
-        self.last_x = float(x[-1])
+        self.last_x += float(steps.sum())
         self._confidence += float(confidence.sum())
 
     @property

@@ -62,6 +62,24 @@ def test_ground_truth_clip_has_progression_one(prompt):
     assert "decoded camera position: x" in text and "progression 1.00" in text
 
 
+def test_chunk_by_chunk_tracking_equals_the_track_of_the_whole_video_when_the_coarse_band_drifts():
+    # the stream's tracker and the evaluation's (`metrics.decoded_camera_x`) read the same motion,
+    # also where per-frame decoding would jump a period (a coarse band drifting by up to 20 px)
+    c = clip("pan right medium", 21)
+    video = np.array(c["video"])
+    rows, a = PW.code_rows, 2 * np.pi * np.linspace(0.0, 20.0, 21) / PW.world_width
+    r, g = video[:, :rows, :, 0].copy(), video[:, :rows, :, 1].copy()
+    video[:, :rows, :, 0] = np.cos(a)[:, None, None] * r - np.sin(a)[:, None, None] * g
+    video[:, :rows, :, 1] = np.sin(a)[:, None, None] * r + np.cos(a)[:, None, None] * g
+    tracker = demo.CameraTracker()
+    for start in range(0, 21, 3):
+        tracker.add(video[start : start + 3], "pan right medium")
+    track = metrics.decoded_camera_x(video, PW)
+    assert tracker.last_x - tracker.first_x == pytest.approx(track[-1] - track[0], abs=1e-6)
+    assert tracker.progression == pytest.approx(1.0, abs=0.01)
+    assert float(metrics.progression_ratio(track, c["camera_x"], PW.world_width)) == pytest.approx(1.0, abs=0.01)
+
+
 def test_chunk_by_chunk_tracking_equals_the_whole_video():
     c = clip("back and forth", 57)
     whole = demo.camera_summary(c["video"], "back and forth")

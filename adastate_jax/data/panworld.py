@@ -3,7 +3,7 @@
 Owns: the world generator (a periodic strip much wider than the frame: low-frequency background,
 a position code band, digit sprites, some moving on their own), the camera paths and their text
 prompts / integer labels / prompt vocabulary, clip rendering at any length, reading the camera
-position back from frames (`decode_position`), and a grain `RandomAccessDataSource`.
+position back from frames (`decode_position` per frame, `track_positions` per video), and a grain `RandomAccessDataSource`.
 Must not know: models, latents, the streaming cache, training or metrics (it must not import
 `adastate_jax.models`, `.streaming`, `.training` or `.eval`).
 
@@ -24,6 +24,11 @@ Position code (rows `[0, 2 * code_rows)` of every frame, i.e. the top 4 rows by 
   votes, so noise averages out; a symmetric blur scales the sums but keeps their phase. The coarse
   band is on top (away from the scene): its sum is not blind to a constant offset, the fine one's is
   (a whole period fits in the default frame), so the fine band is the one that borders the scene.
+- Tracking a video (`track_positions`): on generated frames the coarse reading errs by 5-15 px and
+  drifts (measured on teacher rollouts), so picking the period frame by frame makes the position jump
+  by P between frames that moved by half a pixel. A video's motion is therefore read from the fine
+  band frame to frame (steps below P/2 = 16 px per frame, 8x PanWorld's fastest pan), with the
+  coarse band deciding only whole periods of a step and, once per video, the track's period.
 
 Camera paths and prompts (labels in this order)
   0 "static"; then for direction in (left, right), for each speed (slow, medium, fast by default
@@ -526,18 +531,16 @@ def _demodulate(band: np.ndarray, period: float) -> np.ndarray:
     return np.einsum("...rw,w->...", signal, carrier)
 
 
-def decode_position(
-    frames: np.ndarray,
-    config: PanWorldConfig = PanWorldConfig(),
-    *,
-    return_confidence: bool = False,
-):
-    """Camera position of each frame, read from its code band.
+def decode_bands(frames: np.ndarray, config: PanWorldConfig = PanWorldConfig()):
+    """What each frame's two code bands say, before they are combined into a position.
 
     `frames`: [..., H, W, 3], float in [-1, 1] or uint8 (converted with `to_float`).
-    -> float64 [...] in [0, world_width) (wrapped; see `unwrap_positions`), and with
-    `return_confidence` also float64 [...]: the smaller of the two bands' demodulated amplitudes
-    relative to a clean frame (about 1 for a valid frame, near 0 when the band is gone).
+    -> (x_fine [...] in [0, code_period): the camera position modulo the fine period, sub-pixel;
+        x_coarse [...] in [0, world_width): the position read from the coarse band alone, good to
+        a few pixels on rendered frames and to ~5-15 px on generated ones (its period is the whole
+        world, so a small colour error is a large position error);
+        confidence [...]: the smaller of the two bands' demodulated amplitudes relative to a clean
+        frame, ~1 for a valid frame, near 0 when the band is gone), all float64.
     """
     frames = np.asarray(frames)
     if frames.ndim < 3 or frames.shape[-1] != 3:
@@ -552,12 +555,82 @@ def decode_position(
     fine = _demodulate(frames[..., rows : 2 * rows, :, :], p)
     x_fine = np.mod(np.angle(fine) * p / (2 * np.pi), p)
     x_coarse = np.mod(np.angle(coarse) * ww / (2 * np.pi), ww)
+    full = config.code_amplitude * rows * frames.shape[-2]
+    return x_fine, x_coarse, np.minimum(np.abs(fine), np.abs(coarse)) / full
+
+
+def decode_position(
+    frames: np.ndarray,
+    config: PanWorldConfig = PanWorldConfig(),
+    *,
+    return_confidence: bool = False,
+):
+    """Camera position of each frame on its own, read from its code band: the fine band's phase
+    placed in the period the coarse band points to. Exact on rendered frames; on generated frames
+    the coarse reading can point to a neighbouring period (a jump of `code_period` px between two
+    frames that moved by less than a pixel), so videos are tracked with `track_positions`.
+
+    `frames`: [..., H, W, 3], float in [-1, 1] or uint8 (converted with `to_float`).
+    -> float64 [...] in [0, world_width) (wrapped; see `unwrap_positions`), and with
+    `return_confidence` also float64 [...] (`decode_bands`' confidence).
+    """
+    x_fine, x_coarse, confidence = decode_bands(frames, config)
+    p, ww = config.code_period, config.world_width
     periods = np.round((x_coarse - x_fine) / p)
     x = np.mod(x_fine + periods * p, ww)
-    if not return_confidence:
-        return x
-    full = config.code_amplitude * rows * frames.shape[-2]
-    return x, np.minimum(np.abs(fine), np.abs(coarse)) / full
+    return (x, confidence) if return_confidence else x
+
+
+def _wrap(d: np.ndarray, period: float) -> np.ndarray:
+    """d modulo `period`, into [-period / 2, period / 2)."""
+    return np.mod(d + period / 2, period) - period / 2
+
+
+def camera_steps(x_fine: np.ndarray, x_coarse: np.ndarray, config: PanWorldConfig = PanWorldConfig()) -> np.ndarray:
+    """Camera steps between consecutive frames from their band readings (`decode_bands`).
+
+    A step is the fine band's step (modulo `code_period`, taken in [-P/2, P/2): sub-pixel exact)
+    plus the whole number of periods by which the coarse band's step differs from it:
+        step_t = f_t + P * round((c_t - f_t) / P),  f_t = wrap_P(xf_t - xf_{t-1}),  c_t = wrap_Ww(xc_t - xc_{t-1})
+    So a jump of more than P/2 (a snap back, a cut) is still measured, while the coarse reading's
+    error has to exceed P/2 = 16 px *between two consecutive frames* to corrupt a step (the
+    per-frame combination of `decode_position` fails whenever it drifts across a period boundary).
+    x_fine, x_coarse: [..., T] -> float64 [..., T - 1]
+    """
+    p, ww = config.code_period, config.world_width
+    f = _wrap(np.diff(np.asarray(x_fine, np.float64), axis=-1), p)
+    c = _wrap(np.diff(np.asarray(x_coarse, np.float64), axis=-1), ww)
+    return f + p * np.round((c - f) / p)
+
+
+def track_positions(
+    frames: np.ndarray,
+    config: PanWorldConfig = PanWorldConfig(),
+    *,
+    return_confidence: bool = False,
+):
+    """Camera track of a video: positions of its frames, unwrapped (they may leave [0, world_width)).
+
+    Motion comes from `camera_steps` (fine band, coarse band only for whole periods); the track's
+    absolute place is the period that the coarse readings of all frames agree with most (the median
+    of their offsets from the relative track), one choice per video; the first position lies in
+    [0, world_width). On rendered frames this equals `unwrap_positions(decode_position(...))`.
+
+    `frames`: [..., T, H, W, 3] -> float64 [..., T] (and `decode_bands`' confidence [..., T]).
+    """
+    x_fine, x_coarse, confidence = decode_bands(frames, config)
+    if x_fine.ndim < 1 or x_fine.shape[-1] < 1:
+        raise ValueError(f"frames must be [..., T, H, W, 3] with T >= 1, got {np.shape(frames)}")
+    p, ww = config.code_period, config.world_width
+    steps = camera_steps(x_fine, x_coarse, config)
+    rel = np.concatenate([np.zeros_like(x_fine[..., :1]), np.cumsum(steps, axis=-1)], axis=-1)
+    rel = rel + x_fine[..., :1]  # the fine band's first reading, in period 0
+    offset = _wrap(x_coarse - rel, ww)  # [..., T]: period * k + the coarse band's error
+    ref = offset[..., :1]
+    agreed = ref + np.median(_wrap(offset - ref, ww), axis=-1, keepdims=True)
+    x = rel + p * np.round(agreed / p)
+    x = x - ww * np.floor(x[..., :1] / ww)
+    return (x, confidence) if return_confidence else x
 
 
 def unwrap_positions(x: np.ndarray, world_width: float) -> np.ndarray:

@@ -450,7 +450,7 @@ def running_scores(video: np.ndarray, clip: Clip) -> dict[str, np.ndarray]:
     has been requested), and the code confidence of frame t.  video [T, H, W, 3] -> {name: [T]}"""
     pw = clip.world.config
     t = video.shape[0]
-    x = panworld.unwrap_positions(metrics.decoded_camera_x(video, pw), pw.world_width)
+    x = metrics.decoded_camera_x(video, pw)  # [T] unwrapped
     truth = panworld.unwrap_positions(clip.camera_x[:t], pw.world_width)
     g = np.diff(truth)
     along = np.concatenate([[0.0], np.cumsum(np.sign(g) * np.diff(x))])  # [T]

@@ -48,10 +48,10 @@ def _as_track(x, name: str) -> np.ndarray:
 
 
 def decoded_camera_x(video, config: panworld.PanWorldConfig = DEFAULT_CONFIG) -> np.ndarray:
-    """Camera position read from the PanWorld code band of every frame, unwrapped so that
-    consecutive steps are shorter than half the world.  [T, H, W, 3] -> float64 [T]"""
-    video = _as_video(video)
-    return panworld.unwrap_positions(panworld.decode_position(video, config), config.world_width)
+    """Camera track read from the PanWorld code bands (`panworld.track_positions`: frame-to-frame
+    motion from the fine band, whole periods from the coarse band), unwrapped.
+    [T, H, W, 3] -> float64 [T]"""
+    return panworld.track_positions(_as_video(video), config)
 
 
 def code_confidence(video, config: panworld.PanWorldConfig = DEFAULT_CONFIG) -> np.ndarray:

@@ -113,6 +113,56 @@ def test_decode_confidence_flags_frames_without_a_code():
     assert confidence.max() < 0.5
 
 
+def _drift_coarse_band(video, px):
+    """The coarse band of each frame rotated as if read `px[t]` pixels further right: the error a
+    generator makes when its coarse-band colours are off by a few hundredths."""
+    out = np.array(video, np.float32)
+    rows = CONFIG.code_rows
+    for t, d in enumerate(px):
+        a = 2 * np.pi * d / CONFIG.world_width
+        r, g = out[t, :rows, :, 0].copy(), out[t, :rows, :, 1].copy()
+        out[t, :rows, :, 0] = np.cos(a) * r - np.sin(a) * g
+        out[t, :rows, :, 1] = np.sin(a) * r + np.cos(a) * g
+    return out
+
+
+@pytest.mark.parametrize("index", [1, 3, 6, 7])  # left slow, left fast, right fast, back and forth
+def test_track_positions_equals_the_unwrapped_per_frame_decoding_on_rendered_clips(index):
+    clip = pw.make_clip(CONFIG, index, num_frames=60)
+    track = pw.track_positions(clip["video"], CONFIG)
+    per_frame = pw.unwrap_positions(pw.decode_position(clip["video"], CONFIG), CONFIG.world_width)
+    np.testing.assert_allclose(track, per_frame, atol=1e-6)
+    np.testing.assert_allclose(track - track[0], clip["camera_x"] - clip["camera_x"][0], atol=0.01)
+
+
+def test_track_is_not_fooled_by_a_drifting_coarse_band_that_flips_per_frame_decoding():
+    # a slow left pan whose coarse band drifts up to ~25 px off (teacher rollouts: 5-15 px): per-frame
+    # decoding jumps by a whole fine period (32 px) where the drift crosses half a period from the
+    # truth's phase; the track follows the fine band and keeps the truth's motion
+    clip = pw.make_clip(CONFIG, 1, num_frames=21)
+    truth = clip["camera_x"] - clip["camera_x"][0]
+    rng = np.random.default_rng(0)
+    drift = np.linspace(0.0, 22.0, 21) + rng.uniform(-4, 4, 21)  # past 16 px in the last frames
+    video = _drift_coarse_band(clip["video"], drift)
+    per_frame = pw.unwrap_positions(pw.decode_position(video, CONFIG), CONFIG.world_width)
+    track = pw.track_positions(video, CONFIG)
+    assert np.abs(np.diff(per_frame)).max() > 16  # the old reading: a jump of a period
+    np.testing.assert_allclose(track - track[0], truth, atol=0.01)
+    # the absolute place: the period most frames agree with (their median drift is ~11 px < 16)
+    assert _wrapped_error(track[0], clip["camera_x"][0], CONFIG.world_width) < 0.01
+
+
+def test_track_measures_a_jump_longer_than_half_a_period():
+    # a 38 px snap back between two frames: the fine band alone would read +26 px (38 mod 32 aliased),
+    # the coarse band supplies the whole period
+    world = pw.make_world(CONFIG, 5)
+    xs = np.array([100.0, 101.0, 102.0, 103.0, 65.0, 66.0, 67.0])
+    frames = np.stack([pw.render_view(world, x) for x in xs])
+    np.testing.assert_allclose(pw.track_positions(frames, CONFIG), xs, atol=0.01)
+    steps = pw.camera_steps(*pw.decode_bands(frames, CONFIG)[:2], CONFIG)
+    np.testing.assert_allclose(steps, np.diff(xs), atol=0.01)
+
+
 def test_unwrap_positions_follows_the_camera_across_the_seam():
     truth = np.arange(1000.0, 1100.0, 2.0)
     np.testing.assert_allclose(pw.unwrap_positions(np.mod(truth, 1024), 1024), truth)
