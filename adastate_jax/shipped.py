@@ -317,9 +317,26 @@ def shipped_config(params_dir: str, plan: Plan, base: str | None = None) -> tupl
     return json.loads(text), exp
 
 
+def _same_params(dest: str, sha: str, dtype: str) -> bool:
+    """Whether the model shipped at `dest` holds these params (same params sha256 and dtype) in
+    files that still match its manifest."""
+    try:
+        manifest = json.loads(open(os.path.join(dest, MANIFEST)).read())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("params_sha256") != sha or manifest.get("stored_dtype") != dtype:
+        return False
+    prefix = checkpoint_io.PARAMS_DIR + "/"
+    listed = {k: v for k, v in (manifest.get("files") or {}).items() if k.startswith(prefix)}
+    present = {k: v for k, v in file_table(dest).items() if k.startswith(prefix)}
+    return bool(listed) and listed == present
+
+
 def ship(plan: Plan, root: str | None = None, *, dtype: str = "float32", base: str | None = None) -> dict:
     """Copy `plan.params_dir` into the shipped root as `plan.name` (params cast to `dtype`), with
-    its manifest. Atomic: built in a hidden sibling, then renamed over any old model. -> manifest"""
+    its manifest. Atomic: built in a hidden sibling, then renamed over any old model. Shipping the
+    same params again (a new evaluation summary) keeps the old params files byte for byte, so a
+    refresh changes only what changed. -> manifest"""
     if plan.role not in ROLES:
         raise ValueError(f"role {plan.role!r} not in {ROLES}")
     config_json, exp = shipped_config(plan.params_dir, plan, base)
@@ -336,6 +353,12 @@ def ship(plan: Plan, root: str | None = None, *, dtype: str = "float32", base: s
         )
         _scrub_paths(tmp)
         stored = build.dit(exp, tmp, allow_random=False)  # what `load` will see
+        sha = files.params_sha256(stored.params)
+        if _same_params(dest, sha, dtype):  # keep the old files (orbax names them anew each save)
+            shutil.rmtree(os.path.join(tmp, checkpoint_io.PARAMS_DIR))
+            shutil.copytree(
+                os.path.join(dest, checkpoint_io.PARAMS_DIR), os.path.join(tmp, checkpoint_io.PARAMS_DIR)
+            )
         manifest = dict(
             format=FORMAT,
             name=plan.name,
@@ -344,7 +367,7 @@ def ship(plan: Plan, root: str | None = None, *, dtype: str = "float32", base: s
             config=config_json,
             command=portable(plan.command, base) if plan.command else "",
             steps=plan.steps,
-            params_sha256=files.params_sha256(stored.params),
+            params_sha256=sha,
             stored_dtype=dtype,
             num_params=int(sum(np.size(x) for x in jax.tree.leaves(nnx.to_pure_dict(stored.params)))),
             files=file_table(tmp),

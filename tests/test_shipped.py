@@ -179,6 +179,22 @@ def test_bfloat16_shipping_stores_rounded_params_and_verifies_them(tiny_root, tm
         shipped.choose_dtype(plans, budget_mb=fp32 / 2**20 * 0.1)
 
 
+def test_reshipping_the_same_params_keeps_their_files_and_new_params_replace_them(tiny_root, tmp_path):
+    root = copy_model(tiny_root, tmp_path)
+    export = shipped.model_dir("adastate", tiny_root)
+    before = [(size, os.path.relpath(p, root)) for size, p in params_files(root)]
+    manifest = shipped.ship(
+        shipped.Plan("adastate", export, anchor="adastate", evaluation={"note": "re-evaluated"}), root
+    )
+    assert [(size, os.path.relpath(p, root)) for size, p in params_files(root)] == before
+    assert manifest["evaluation"] == {"note": "re-evaluated"}
+    shipped.load("adastate", root)  # every file still matches the new manifest
+    bf16 = shipped.ship(shipped.Plan("adastate", export, anchor="adastate"), root, dtype="bfloat16")
+    assert bf16["params_sha256"] != manifest["params_sha256"]
+    assert sorted(os.path.relpath(p, root) for _, p in params_files(root)) != sorted(r for _, r in before)
+    shipped.load("adastate", root)
+
+
 def test_shipped_files_name_no_absolute_path_of_the_machine(tiny_root):
     needle = os.path.dirname(tiny_root).encode()
     for parent, _, names in os.walk(tiny_root):
