@@ -64,6 +64,17 @@ RECIPES = {
         "train.steps": 1200,
         "train.warmup": 50,
     },
+    # configs/panworld.py's shipped teacher (9-frame diffusion forcing + teacher-forcing fine-tune,
+    # one token per latent pixel) fine-tuned with teacher forcing on 21-frame clips, with prompt
+    # dropout so that it can be sampled with classifier-free guidance
+    "tf21_ft": {
+        "train.attention": "teacher_forcing",
+        "train.init_from": "checkpoints/panworld/teacher",
+        "train.text_dropout": 0.1,  # an unconditional model too: classifier-free guidance at sampling
+        "train.steps": 600,
+        "train.lr": 5e-4,
+        "train.warmup": 20,
+    },
     "df21_w256": {
         **WIDE_16_TOKENS,
         "train.attention": "diffusion_forcing",
