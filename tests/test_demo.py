@@ -77,7 +77,9 @@ def test_chunk_by_chunk_tracking_equals_the_track_of_the_whole_video_when_the_co
     track = metrics.decoded_camera_x(video, PW)
     assert tracker.last_x - tracker.first_x == pytest.approx(track[-1] - track[0], abs=1e-6)
     assert tracker.progression == pytest.approx(1.0, abs=0.01)
-    assert float(metrics.progression_ratio(track, c["camera_x"], PW.world_width)) == pytest.approx(1.0, abs=0.01)
+    assert float(metrics.progression_ratio(track, c["camera_x"], PW.world_width)) == pytest.approx(
+        1.0, abs=0.01
+    )
 
 
 def test_chunk_by_chunk_tracking_equals_the_whole_video():

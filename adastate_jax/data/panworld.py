@@ -3,7 +3,8 @@
 Owns: the world generator (a periodic strip much wider than the frame: low-frequency background,
 a position code band, digit sprites, some moving on their own), the camera paths and their text
 prompts / integer labels / prompt vocabulary, clip rendering at any length, reading the camera
-position back from frames (`decode_position` per frame, `track_positions` per video), and a grain `RandomAccessDataSource`.
+position back from frames (`decode_position` per frame, `track_positions` per video), and a grain
+`RandomAccessDataSource`.
 Must not know: models, latents, the streaming cache, training or metrics (it must not import
 `adastate_jax.models`, `.streaming`, `.training` or `.eval`).
 
@@ -586,12 +587,15 @@ def _wrap(d: np.ndarray, period: float) -> np.ndarray:
     return np.mod(d + period / 2, period) - period / 2
 
 
-def camera_steps(x_fine: np.ndarray, x_coarse: np.ndarray, config: PanWorldConfig = PanWorldConfig()) -> np.ndarray:
+def camera_steps(
+    x_fine: np.ndarray, x_coarse: np.ndarray, config: PanWorldConfig = PanWorldConfig()
+) -> np.ndarray:
     """Camera steps between consecutive frames from their band readings (`decode_bands`).
 
     A step is the fine band's step (modulo `code_period`, taken in [-P/2, P/2): sub-pixel exact)
     plus the whole number of periods by which the coarse band's step differs from it:
-        step_t = f_t + P * round((c_t - f_t) / P),  f_t = wrap_P(xf_t - xf_{t-1}),  c_t = wrap_Ww(xc_t - xc_{t-1})
+        step_t = f_t + P * round((c_t - f_t) / P),
+        f_t = wrap_P(xf_t - xf_{t-1}),  c_t = wrap_Ww(xc_t - xc_{t-1})
     So a jump of more than P/2 (a snap back, a cut) is still measured, while the coarse reading's
     error has to exceed P/2 = 16 px *between two consecutive frames* to corrupt a step (the
     per-frame combination of `decode_position` fails whenever it drifts across a period boundary).

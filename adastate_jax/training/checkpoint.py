@@ -264,6 +264,15 @@ class TrainCheckpointer:
         )
         return state, meta
 
+    def saved_config(self, step: int) -> dict:
+        """The experiment config (JSON object) checkpoint `step` was saved with; {} when it has none."""
+        try:
+            got = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        except Exception:  # noqa: BLE001 (an older checkpoint without the item, an unreadable one)
+            return {}
+        config = got["config"] if "config" in got else None
+        return config if isinstance(config, dict) else {}
+
     def restore_latest(self, target_state, target_shardings=None):
         """The newest good checkpoint: (state, step, meta), or None when there is none.
 
@@ -308,3 +317,17 @@ def data_state_for_this_process(meta: dict):
             "afresh with --reset_data or use the same number of hosts)"
         )
     return states[jax.process_index()]
+
+
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """'field: old -> new' for every config field (dotted) whose value differs between the config a
+    checkpoint was saved with and the current one (added / removed fields shown as <absent>)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_changes(a, b, name + "."))
+        elif a != b:
+            out.append(f"{name}: {a} -> {b}")
+    return out

@@ -363,6 +363,14 @@ def train(cfg, workdir: str, *, mesh=None, max_steps: int | None = None) -> dict
                 state, step0, meta = found
                 data_state = ckpt_lib.data_state_for_this_process(meta)
                 say(f"resumed from checkpoint step {step0} ({os.path.join(ckpt.directory, str(step0))})")
+                saved = ckpt.saved_config(step0)
+                changes = ckpt_lib.config_changes(saved, json.loads(config_json)) if saved else []
+                if changes:  # allowed (e.g. more train.steps), but never silent
+                    say(
+                        f"note: the config differs from the one step {step0} was saved with: "
+                        + "; ".join(changes[:12])
+                        + (f"; ... ({len(changes)} fields)" if len(changes) > 12 else "")
+                    )
                 stopped = _stopped_at(bad_path, step0)
                 if stopped is not None:
                     say(

@@ -109,6 +109,10 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical_to_uninterrupted(tmp_
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-3000:]
     assert "resumed from checkpoint step 4" in out, out[-3000:]
+    # a config that changed since the checkpoint is resumed, and said so
+    assert f"the config differs from the one step 4 was saved with: train.steps: {STEPS} -> 1000" in out, out[
+        -3000:
+    ]
     assert "SIGTERM: saved checkpoint step" in out, out[-3000:]
     saved = int(out.split("SIGTERM: saved checkpoint step ")[1].split()[0])
     assert 4 < saved < STEPS and (ckpts / str(saved)).exists()
@@ -116,6 +120,7 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical_to_uninterrupted(tmp_
     r = subprocess.run(_cmd(run), env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"resumed from checkpoint step {saved}" in r.stdout
+    assert f"train.steps: 1000 -> {STEPS}" in r.stdout
 
     a, b = _final_meta(ref, STEPS), _final_meta(run, STEPS)
     assert a["names"] == b["names"]

@@ -6,6 +6,7 @@
   previous good one is used.
 """
 
+import json
 import os
 
 import jax
@@ -17,7 +18,7 @@ from adastate_jax import sharding as shd
 from adastate_jax.config import parse
 from adastate_jax.data import pipeline
 from adastate_jax.training import loop
-from adastate_jax.training.checkpoint import CheckpointCorrupt, TrainCheckpointer
+from adastate_jax.training.checkpoint import CheckpointCorrupt, TrainCheckpointer, config_changes
 from adastate_jax.training.state import TrainState
 from tests.training.conftest_helpers import panworld_config
 
@@ -127,3 +128,24 @@ def test_checkpoint_of_another_structure_is_an_error_naming_leaves(tmp_path):
     with pytest.raises(ValueError, match="different train state.*unexpected"):
         ckpt.restore_latest(other)
     ckpt.close()
+
+
+def test_a_checkpoint_keeps_its_config_and_the_changes_on_resume_are_listed(tmp_path):
+    saved = {"train": {"lr": 0.001, "steps": 12, "text_dropout": 0.0}, "seed": 0, "model": {"dim": 32}}
+    ckpt = TrainCheckpointer(str(tmp_path / "c"), use_async=False)
+    ckpt.save(1, _toy_state(1.0), config_json=json.dumps(saved))
+    ckpt.save(2, _toy_state(2.0))  # saved without a config
+    assert ckpt.saved_config(1) == saved
+    assert ckpt.saved_config(2) == {}
+    ckpt.close()
+    current = {
+        "train": {"lr": 0.001, "steps": 1000, "text_dropout": 0.1},
+        "seed": 0,
+        "model": {"dim": 32, "depth": 2},
+    }
+    assert config_changes(saved, current) == [
+        "model.depth: <absent> -> 2",
+        "train.steps: 12 -> 1000",
+        "train.text_dropout: 0.0 -> 0.1",
+    ]
+    assert config_changes(saved, saved) == []
