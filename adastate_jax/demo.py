@@ -290,7 +290,7 @@ class CameraTracker:
     periods from the coarse band: `panworld.camera_steps`), and compares every camera step d_t with
     the step g_t the frame's prompt requests (its path restarted where the prompt starts). The
     progression is `metrics.progression_ratio`'s: sum sign(g_t) d_t / sum |g_t|, per prompt
-    segment and overall. `first_x` is the first frame's own reading (`panworld.decode_position`).
+    segment and overall. `first_x` is the first frame's own reading (`panworld.position_from_bands`).
     Memory: O(number of prompt segments)."""
 
     def __init__(self, pw: panworld.PanWorldConfig | None = None, exp: Experiment | None = None):
@@ -311,7 +311,7 @@ class CameraTracker:
         prompt = check_prompt(prompt, flag="prompt")
         fine, coarse, confidence = panworld.decode_bands(frames, pw)  # [T] each
         if self._last_bands is None:
-            self.first_x = self.last_x = float(panworld.decode_position(frames[:1], pw)[0])
+            self.first_x = self.last_x = float(panworld.position_from_bands(fine[0], coarse[0], pw))
         else:
             fine = np.concatenate([[self._last_bands[0]], fine])
             coarse = np.concatenate([[self._last_bands[1]], coarse])

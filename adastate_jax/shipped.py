@@ -327,8 +327,8 @@ def _same_params(dest: str, sha: str, dtype: str) -> bool:
     if manifest.get("params_sha256") != sha or manifest.get("stored_dtype") != dtype:
         return False
     prefix = checkpoint_io.PARAMS_DIR + "/"
-    listed = {k: v for k, v in (manifest.get("files") or {}).items() if k.startswith(prefix)}
-    present = {k: v for k, v in file_table(dest).items() if k.startswith(prefix)}
+    listed = {k[len(prefix) :]: v for k, v in (manifest.get("files") or {}).items() if k.startswith(prefix)}
+    present = file_table(os.path.join(dest, checkpoint_io.PARAMS_DIR))  # only the params files hashed
     return bool(listed) and listed == present
 
 

@@ -576,10 +576,16 @@ def decode_position(
     `return_confidence` also float64 [...] (`decode_bands`' confidence).
     """
     x_fine, x_coarse, confidence = decode_bands(frames, config)
-    p, ww = config.code_period, config.world_width
-    periods = np.round((x_coarse - x_fine) / p)
-    x = np.mod(x_fine + periods * p, ww)
+    x = position_from_bands(x_fine, x_coarse, config)
     return (x, confidence) if return_confidence else x
+
+
+def position_from_bands(x_fine, x_coarse, config: PanWorldConfig = PanWorldConfig()) -> np.ndarray:
+    """Each frame's own position from its band readings (`decode_bands`): the fine reading placed
+    in the period the coarse reading points to.  -> float64 [...] in [0, world_width)"""
+    p, ww = config.code_period, config.world_width
+    periods = np.round((np.asarray(x_coarse) - np.asarray(x_fine)) / p)
+    return np.mod(x_fine + periods * p, ww)
 
 
 def _wrap(d: np.ndarray, period: float) -> np.ndarray:
