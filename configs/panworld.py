@@ -81,6 +81,9 @@ def get_config(arg=None):
         config.stream.anchor = "window"
         tc.steps, tc.lr = 200, 5e-4
         tc.init_from = tc.teacher_path = teacher
+        # the teacher's trajectories chunk by chunk, as it streams: its whole-clip (diffusion-forcing)
+        # ODE solutions are not PanWorld videos (training/objectives/ode_init.py, README "Training")
+        tc.teacher_attention = "teacher_forcing"
         if stored:  # no teacher in the step: the trajectories were generated once (ode_init docstring)
             config.data.source = "ode_trajectories"
             config.data.paths = ("outputs/panworld_ode_trajectories",)

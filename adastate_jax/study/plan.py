@@ -322,8 +322,10 @@ def build(
     ode_pairs = [
         *_common(p),
         ("stream.window_frames", ODE_WINDOW_FRAMES),
-        # a whole clip's ODE trajectory has no clean context to force with (ode_init.py)
-        ("train.teacher_attention", "diffusion_forcing"),
+        # the teacher's trajectories in its own layout: with the teacher-forcing teacher they are
+        # solved chunk by chunk, as it streams (whole-clip ODEs of a PanWorld teacher are not
+        # PanWorld videos: training/objectives/ode_init.py)
+        ("train.teacher_attention", p.teacher_attention),
         *p.ode_overrides,
         ("train.steps", p.ode_steps),
         ("train.batch_size", p.ode_batch),

@@ -192,6 +192,11 @@ _register(
 # 5.11 (53 s), ODE 5.11 (55 s), DMD window 8.36 / 8.71 (compile 124 s; 23 s from the cache),
 # DMD adastate 9.23 (139 s), process start 25-45 s; the evaluation probe did not run. With them
 # the profile as sized here does NOT fit 2.5 h (see `--dry_run`): shrink it before launching.
+# The ODE figure (5.1) is for whole-clip teacher trajectories; the ODE stage now solves them chunk
+# by chunk in the teacher's teacher-forcing layout (the whole-clip ones are not PanWorld videos,
+# training/objectives/ode_init.py), ~2 x 7 chunks x the teacher passes per step at 21 frames: NOT
+# measured, and on the fly it dominates the estimate; the recipe that works uses stored
+# trajectories (README "Training"), which this plan does not have a stage for yet.
 _register(
     Profile(
         name="cpu",

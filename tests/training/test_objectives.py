@@ -132,16 +132,6 @@ def test_truncated_gradient_through_adastate_carry(tmp_path, random_teacher):
     assert np.abs(g1 - g2).max() > 1e-6 * np.abs(g2).max()
 
 
-def test_ode_init_refuses_a_teacher_forcing_trajectory_layout():
-    from adastate_jax import config as config_lib
-    from adastate_jax.training.objectives.ode_init import OdeInit
-
-    cfg = panworld_config("ode", teacher_path="unused")
-    cfg.train.teacher_attention = "teacher_forcing"
-    with pytest.raises(ValueError, match="config.train.teacher_attention='teacher_forcing'"):
-        OdeInit(config_lib.parse(cfg))
-
-
 def test_drop_text_zeroes_whole_prompts_with_the_given_probability():
     from adastate_jax.training.objectives.flow_matching import drop_text
 

@@ -108,6 +108,52 @@ def test_record_equals_teacher_trajectory_from_its_seed_and_prompt(stored, teach
     assert float(np.std(rec["latents"])) > 0.1  # a real trajectory, not zeros
 
 
+def test_teacher_forcing_trajectory_is_the_teacher_streaming_chunk_by_chunk(teacher):
+    """`teacher_attention='teacher_forcing'`: chunk k's ODE reads the teacher's finished chunks < k
+    as clean context. Reference, through the diffusion-forcing layout instead: chunk 0 is the
+    whole-clip ODE of a 1-chunk clip; chunk 1 is an Euler solve of the 2-chunk clip [chunk 0's x0 at
+    t = 0; chunk 1 noisy] in which only chunk 1 moves (block-causal: chunk 1 sees chunk 0 and
+    itself, as in the streaming cache). The whole-clip ODE (every chunk at one sigma) differs."""
+    cfg = _cfg(teacher_path=teacher[0], teacher_attention="teacher_forcing")
+    obj = ode_init.OdeInit(config_lib.parse(cfg))  # on the fly: no longer refused
+    assert obj.teacher_layout.attention == "teacher_forcing"
+    df = fm.teacher_layout(config_lib.parse(cfg), "diffusion_forcing")
+    mcfg = obj.model_cfg
+    text_params = nnx.split(build.word_encoder(mcfg, int(cfg.seed)))[1]
+    ids = np.stack([panworld.PanWorldSource(config_lib.parse(cfg).data.panworld)[i]["prompt_ids"] for i in (2, 3)])
+    text = fm.batch_text(obj.text_graphdef, {"text": text_params}, {"prompt_ids": ids})
+    noise = jax.random.normal(jax.random.key(5), (2, 6, 8, 8, 48))
+    grid, record = ode_init.ode_grid(obj.timesteps, obj.substeps)
+    g, p = obj.teacher_graphdef, teacher[1]
+    run = lambda layout, x: ode_init.teacher_trajectory(  # noqa: E731
+        g, p, text, None, x.shape, layout, obj.timesteps, obj.substeps, 1.0, noise=x
+    )
+
+    @jax.jit
+    def forced_and_reference(p):
+        traj, x0 = run(obj.teacher_layout, noise)
+        ref0, x00 = run(df, noise[:, :3])
+        x, states = noise[:, 3:], []
+        for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
+            if i in record:
+                states.append(x)
+            t = jnp.concatenate([jnp.zeros((2, 3)), jnp.full((2, 3), s * 1000.0)], axis=1)
+            v = fm.clip_forward(g, p, jnp.concatenate([x00, x], axis=1), t, text, df)
+            x = x + (s_next - s) * v[:, 3:]
+        whole, _ = run(df, noise)
+        return traj, x0, ref0, x00, jnp.stack(states), x, whole
+
+    traj, x0, ref0, x00, ref1, x01, whole = (np.asarray(a) for a in forced_and_reference(p))
+    assert traj.shape == (len(obj.timesteps), 2, 6, 8, 8, 48) and x0.shape == (2, 6, 8, 8, 48)
+    tol = dict(rtol=0, atol=2e-5)
+    np.testing.assert_allclose(traj[:, :, :3], ref0, **tol)
+    np.testing.assert_allclose(x0[:, :3], x00, **tol)
+    np.testing.assert_allclose(traj[:, :, 3:], ref1, **tol)
+    np.testing.assert_allclose(x0[:, 3:], x01, **tol)
+    np.testing.assert_array_equal(traj[0], np.asarray(noise))  # state 0 is the noise (t = 1000)
+    assert np.abs(traj[1:, :, 3:] - whole[1:, :, 3:]).max() > 1e-3  # not the whole-clip ODE
+
+
 def test_stored_and_on_the_fly_losses_agree_on_the_same_trajectory(teacher):
     cfg = _cfg(teacher_path=teacher[0])
     mcfg = config_lib.parse(cfg).model
