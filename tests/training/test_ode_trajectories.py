@@ -120,7 +120,9 @@ def test_teacher_forcing_trajectory_is_the_teacher_streaming_chunk_by_chunk(teac
     df = fm.teacher_layout(config_lib.parse(cfg), "diffusion_forcing")
     mcfg = obj.model_cfg
     text_params = nnx.split(build.word_encoder(mcfg, int(cfg.seed)))[1]
-    ids = np.stack([panworld.PanWorldSource(config_lib.parse(cfg).data.panworld)[i]["prompt_ids"] for i in (2, 3)])
+    ids = np.stack(
+        [panworld.PanWorldSource(config_lib.parse(cfg).data.panworld)[i]["prompt_ids"] for i in (2, 3)]
+    )
     text = fm.batch_text(obj.text_graphdef, {"text": text_params}, {"prompt_ids": ids})
     noise = jax.random.normal(jax.random.key(5), (2, 6, 8, 8, 48))
     grid, record = ode_init.ode_grid(obj.timesteps, obj.substeps)
