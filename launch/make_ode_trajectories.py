@@ -22,6 +22,10 @@ list them all in `config.data.paths`. Do not run two generators into one directo
 
 `--storage_dtype`: float32 (default, exact), float16 or bfloat16 (half the bytes; rounds the
 stored states and targets, see `data/trajectories.py`).
+
+`--score_clips=N` (PanWorld prompts): when done, the first N targets are decoded and scored as
+videos against their clips (progression, return-to-start, code confidence, flicker per prompt;
+`adastate_jax/eval/targets.py`), so targets that are not PanWorld videos show before any training.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ flags.DEFINE_integer("clips_per_file", 256, "Records per ArrayRecord shard (the 
 flags.DEFINE_integer("batch_size", 8, "Clips per jitted teacher call (divisible by the mesh's batch axes).")
 flags.DEFINE_enum("storage_dtype", "float32", ["float32", "float16", "bfloat16"], "Stored arrays' dtype.")
 flags.DEFINE_integer("noise_seed", 0, "Clip i starts from normal(fold_in(key(noise_seed), i)).")
+flags.DEFINE_integer(
+    "score_clips", 256, "PanWorld prompts: score the first N targets as videos when done (0: skip)."
+)
 FLAGS = flags.FLAGS
 
 
@@ -71,6 +78,12 @@ def main(argv):
         storage_dtype=FLAGS.storage_dtype,
         noise_seed=FLAGS.noise_seed,
     )
+    if FLAGS.score_clips > 0 and exp.data is not None and exp.data.source == "panworld":
+        from adastate_jax.eval import targets
+
+        rows = targets.score_trajectories(exp, FLAGS.out_dir, FLAGS.score_clips)
+        print(f"the teacher's clean results (x0) of the first {len(rows)} clips, scored as PanWorld videos:")
+        print(targets.format_table(rows))
 
 
 if __name__ == "__main__":

@@ -1,28 +1,31 @@
 #!/usr/bin/env bash
 # The shipped PanWorld models (checkpoints/panworld/), stage by stage, on the recipe of
 # configs/panworld.py (README "Training"): the diffusion-forcing teacher -> its teacher-forcing
-# fine-tune (teacher_tf, the teacher the students learn from) -> ODE init (a window student) ->
+# fine-tune (teacher_tf, the teacher the students learn from) -> its ODE trajectories, solved chunk
+# by chunk as it streams, stored once (traj) -> ODE init on them (a window student) ->
 # self-forcing DMD (teacher and critic scoring in teacher-forcing mode) of the window / sink /
 # ema_sink / full students from the ODE init -> the adastate student from the window student (the
 # paper's path) -> evaluation of all of them -> ship.
 #
 #   bash launch/panworld_models.sh RUN_DIR [STAGE ...]     # run (or resume) everything, or some stages
-#   STAGES: teacher teacher_tf ode dmd_window dmd_sink dmd_ema_sink dmd_full dmd_adastate eval ship
+#   STAGES: teacher teacher_tf traj ode dmd_window dmd_sink dmd_ema_sink dmd_full dmd_adastate eval ship
 #
 # Re-running skips every stage whose export exists (launch/train.py resumes a killed stage from its
-# checkpoints). Steps per stage: the config's, or TEACHER_STEPS, TF_STEPS, ODE_STEPS, DMD_STEPS;
+# checkpoints; traj skips finished shards). Steps per stage: TEACHER_STEPS, TF_STEPS, TRAJ_CLIPS,
+# ODE_STEPS, DMD_STEPS;
 # EVAL_FLAGS adds launch/evaluate.py flags. Run from the repository root; RUN_DIR is best relative.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:?usage: bash launch/panworld_models.sh RUN_DIR [STAGE ...]}
 shift
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(teacher teacher_tf ode dmd_window dmd_sink dmd_ema_sink dmd_full dmd_adastate eval ship)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(teacher teacher_tf traj ode dmd_window dmd_sink dmd_ema_sink dmd_full dmd_adastate eval ship)
 CFG=configs/panworld.py
 TEACHER_STEPS=${TEACHER_STEPS:-2500}
 TF_STEPS=${TF_STEPS:-1000}
-ODE_STEPS=${ODE_STEPS:-200}
-DMD_STEPS=${DMD_STEPS:-100}
+TRAJ_CLIPS=${TRAJ_CLIPS:-768}
+ODE_STEPS=${ODE_STEPS:-1000}
+DMD_STEPS=${DMD_STEPS:-60}
 TEACHER=$RUN/teacher_tf/export  # the students' teacher
 mkdir -p "$RUN"
 
@@ -45,7 +48,9 @@ for stage in "${STAGES[@]}"; do
   case $stage in
     teacher) train teacher teacher --config.train.steps="$TEACHER_STEPS" ;;
     teacher_tf) train teacher_tf teacher_tf --config.train.steps="$TF_STEPS" --config.train.init_from="$RUN/teacher/export" ;;
-    ode) train ode ode --config.train.steps="$ODE_STEPS" --config.train.teacher_path="$TEACHER" \
+    traj) python launch/make_ode_trajectories.py --config="$CFG:ode" --config.train.teacher_path="$TEACHER" \
+      --out_dir="$RUN/ode_trajectories" --num_clips="$TRAJ_CLIPS" --clips_per_file=128 ;;
+    ode) train ode ode,stored --config.data.paths="('$RUN/ode_trajectories',)" --config.train.steps="$ODE_STEPS" \
       --config.train.init_from="$TEACHER" ;;
     dmd_window | dmd_sink | dmd_ema_sink | dmd_full) dmd "${stage#dmd_}" "$RUN/ode/export" ;;
     dmd_adastate) dmd adastate "$RUN/dmd_window/export" --config.train.init_policy=window ;;

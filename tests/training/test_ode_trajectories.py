@@ -314,7 +314,8 @@ def test_generator_errors_name_the_flag_or_config_field(teacher, tmp_path):
 
 def test_command_line_resumes_the_directory_the_library_wrote(stored, teacher, tmp_path):
     """One subprocess: the flags reach `generate` (the same settings: metadata.json is accepted,
-    every shard is found finished, nothing is compiled) and progress is logged."""
+    every shard is found finished, nothing is compiled), progress is logged and the targets are
+    scored (`eval/targets.py`)."""
     out = tmp_path / "cli"
     shutil.copytree(stored, out)
     before = (out / tj.METADATA).read_text()
@@ -332,3 +333,6 @@ def test_command_line_resumes_the_directory_the_library_wrote(stored, teacher, t
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 finished, generating 0" in r.stderr, r.stderr[-3000:]
     assert (out / tj.METADATA).read_text() == before
+    # --score_clips (default 256): the stored targets scored as PanWorld videos, one row per prompt
+    assert f"of the first {NUM_CLIPS} clips, scored as PanWorld videos" in r.stdout, r.stdout[-2000:]
+    assert "| all pans |" in r.stdout and "| static | 1 |" in r.stdout, r.stdout[-2000:]
