@@ -79,7 +79,7 @@ def get_config(arg=None):
         # ODE init refuses `adastate` (its state has no clean target; the adastate DMD starts from
         # this export) and `ema_sink` over clips that evict a frame (training/objectives/ode_init.py)
         config.stream.anchor = "window"
-        tc.steps, tc.lr = 200, 5e-4
+        tc.steps, tc.lr = 500, 5e-4
         tc.init_from = tc.teacher_path = teacher
         # the teacher's trajectories chunk by chunk, as it streams: its whole-clip (diffusion-forcing)
         # ODE solutions are not PanWorld videos (training/objectives/ode_init.py, README "Training")

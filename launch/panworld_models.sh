@@ -24,7 +24,7 @@ CFG=configs/panworld.py
 TEACHER_STEPS=${TEACHER_STEPS:-2500}
 TF_STEPS=${TF_STEPS:-1000}
 TRAJ_CLIPS=${TRAJ_CLIPS:-768}
-ODE_STEPS=${ODE_STEPS:-1000}
+ODE_STEPS=${ODE_STEPS:-500}
 DMD_STEPS=${DMD_STEPS:-60}
 TEACHER=$RUN/teacher_tf/export  # the students' teacher
 mkdir -p "$RUN"
