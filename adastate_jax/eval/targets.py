@@ -27,17 +27,21 @@ COLUMNS = ("progression", "return", "code_conf", "flicker")
 FPS = 16.0  # only the DD-DIS score reads it (not reported here)
 
 
-def _decode(exp, latents: np.ndarray) -> np.ndarray:
-    """[F, h, w, C] latents -> [F, H, W, 3] frames in [-1, 1] with the run's codec."""
-    import jax.numpy as jnp
-
+def _codec(exp):
+    """The run's codec module (`config.vae`), built once per scoring call."""
     from adastate_jax import build
 
     module = build.vae_module(exp)
     if module is None:
         raise ValueError("config.vae.kind='none': the targets are not decodable to frames")
-    frames = module.decode(jnp.asarray(latents, jnp.float32)[None])
-    return np.asarray(frames[0], np.float32)
+    return module
+
+
+def _decode(module, latents: np.ndarray) -> np.ndarray:
+    """[F, h, w, C] latents -> [F, H, W, 3] frames in [-1, 1]."""
+    import jax.numpy as jnp
+
+    return np.asarray(module.decode(jnp.asarray(latents, jnp.float32)[None])[0], np.float32)
 
 
 def score_trajectories(exp, directory: str, max_clips: int = 256) -> list[dict]:
@@ -59,9 +63,10 @@ def score_records(exp, records) -> list[dict]:
             "prompt source (the clip index names the camera path and world)"
         )
     pw = exp.data.panworld
+    module = _codec(exp)
     rows = []
     for rec in records:
-        video = _decode(exp, rec["latents"])
+        video = _decode(module, rec["latents"])
         c = panworld.make_clip(pw, int(rec["index"]), num_frames=video.shape[0])
         clip = harness.Clip(int(rec["index"]), c["label"], c["prompt"], c["world"], c["camera_x"], c["video"])
         scores, _ = harness.score_video(video, clip, False, FPS, exp.stream.chunk_frames)
