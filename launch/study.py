@@ -1,5 +1,6 @@
-r"""The AdaState study (issue 10) as one command: teacher -> within-clip check -> ODE init ->
-state-learning ablation -> DMD for every arm x training seed -> evaluation -> report.
+r"""The AdaState study (issue 10) as one command: teacher -> within-clip check -> the teacher's ODE
+trajectories, stored once -> ODE init on them -> state-learning ablation -> DMD for every arm x
+training seed -> evaluation -> report.
 
   python launch/study.py --profile=cpu --out=runs/study_cpu --dry_run   # plan, stage states, estimate
   python launch/study.py --profile=cpu --out=runs/study_cpu             # run; re-run to resume

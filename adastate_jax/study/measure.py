@@ -2,13 +2,16 @@
 estimate (`estimate_seconds`, `launch/study.py --dry_run`).
 
 `measure` runs, in `OUT/measure/`, the plan's own commands with few steps: the teacher and its
-fine-tune, the ODE init, DMD of window and adastate (with `every_arm`: also full, sink, LongLive's
-layout and the dmd / regress state losses; ema_sink is taken as sink's), window once more with
-another seed (a compile from the persistent cache), and the evaluation of one model at 1x and 2x the
-horizon (the difference is the per-chunk time). Step times come from each run's `metrics.jsonl`
-(median steps/s of the log windows after the first; the first window starts after compilation),
-compile times from its `compiled the train step in X s` line, process overhead from the wall time
-left over. It prints `step_seconds` for `study/profiles.py`.
+fine-tune, the stored trajectories (`traj`: two generator batches, no scoring; the ODE init's
+probe then trains on them), the ODE init, DMD of window and adastate (with `every_arm`: also full,
+sink, LongLive's layout and the dmd / regress state losses; ema_sink is taken as sink's), window
+once more with another seed (a compile from the persistent cache), and the evaluation of one model
+at 1x and 2x the horizon (the difference is the per-chunk time). Step times come from each run's
+`metrics.jsonl` (median steps/s of the log windows after the first; the first window starts after
+compilation), compile times from its `compiled the train step in X s` line, process overhead from
+the wall time left over; the trajectories' per-clip time from the generator's log (the batches
+after the first: its `done` line's seconds less the first, compiling batch's). It prints
+`step_seconds` for `study/profiles.py`.
 
 Must not know: what the stages compute; it reuses `study.plan`'s commands, only shortened.
 """
@@ -34,6 +37,7 @@ from adastate_jax.study.plan import ARMS, Plan, Stage
 TRAIN_PROBES = (
     ("teacher", "teacher"),
     ("teacher_tf", "teacher_tf"),
+    ("traj", "traj_clip"),  # not a training run: `_traj_probe`
     ("ode", "ode"),
     ("dmd/window_half_s{s}", "dmd_window"),
     ("dmd/adastate_a2_bptt_window_s{s}", "dmd_adastate"),
@@ -106,6 +110,48 @@ def _train_numbers(workdir: str, log: str, wall: float, steps: int, cpu: float |
     )
 
 
+def _traj_numbers(log: str, wall: float, clips: int, batch: int, cpu: float | None = None) -> dict:
+    """Per-clip (`step`), compile and process seconds of a trajectory probe from the generator's
+    log: `first batch (with compilation) in X s` and `done: N clips in Y s` (every batch after the
+    first: (Y - X) / (N - batch) per clip; the first less one batch: the compile). `cpu` as in
+    `_train_numbers`."""
+    with open(log) as fh:
+        text = fh.read()
+    first = re.findall(r"first batch \(with compilation\) in ([0-9.]+)s", text)
+    done = re.findall(r"done: ([0-9]+) clips in ([0-9.]+)s", text)
+    if not first or not done or int(done[-1][0]) <= batch:
+        raise RuntimeError(f"measure: {log} does not time a batch after the first (want {clips} clips)")
+    n, seconds = int(done[-1][0]), float(done[-1][1])
+    per_clip = (seconds - float(first[-1])) / (n - batch)
+    compile_s = max(0.0, float(first[-1]) - batch * per_clip)
+    scale = 1.0 if cpu is None else cpu / wall
+    per_clip, compile_s = per_clip * scale, compile_s * scale
+    return dict(
+        step=per_clip,
+        compile=compile_s,
+        process=max(0.0, wall * scale - compile_s - per_clip * n),
+        wall=wall,
+        cpu_scale=scale,
+    )
+
+
+def _traj_probe(stage: Stage, root: str, env: dict, cpu_time: bool, batches: int = 2) -> dict:
+    """Run the `traj` stage's generator in `root` for `batches` batches (scoring off), into the
+    stage's own directory (replaced): the ODE probe after it trains on those clips. -> `_traj_numbers`"""
+    import shutil
+
+    batch = int(next((w.split("=", 1)[1] for w in stage.argv if w.startswith("--batch_size=")), 8))
+    clips = batches * batch
+    argv = [w for w in stage.argv if not w.startswith(("--num_clips=", "--score_clips="))]
+    argv += [f"--num_clips={clips}", "--score_clips=0"]
+    out = os.path.join(root, stage.workdir)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    log_file = os.path.join(root, "logs", stage.name.replace("/", "__") + ".log")
+    wall, cpu = _run(argv, root, env, log_file)
+    return _traj_numbers(log_file, wall, clips, batch, cpu if cpu_time else None)
+
+
 def measure(
     profile: plan_lib.Profile,
     out: str,
@@ -145,14 +191,27 @@ def measure(
         )
         return got
 
+    def traj(key: str):
+        stage = plan.stage("traj")
+        got = _traj_probe(stage, root, env, cpu_time)
+        runs[stage.name] = dict(key=key, **got)
+        unit = "CPU" if cpu_time else "wall"
+        log(
+            f"[measure] {stage.name}: {got['step']:.3f} s/clip, compile {got['compile']:.1f} s, "
+            f"process {got['process']:.1f} s ({unit} seconds; wall {got['wall']:.0f} s)"
+        )
+        return got
+
     for stage_name, key in TRAIN_PROBES + (MORE_PROBES if every_arm else ()):
         if stage_name not in plan.names and stage_name.format(s=seed) not in plan.names:
-            continue
-        got = train(stage_name, key)
+            continue  # e.g. no teacher_tf, or no traj stage (ODE on the fly)
+        got = traj(key) if key == "traj_clip" else train(stage_name, key)
         numbers[key] = round(got["step"], 3)
     again = train(TRAIN_PROBES[3][0], "dmd_window", seed_override=seed + 1, tag="_again")
     compiles = [
-        r["compile"] for k, r in runs.items() if not k.endswith("_again") and not r["key"].startswith("dmd")
+        r["compile"]
+        for k, r in runs.items()
+        if not k.endswith("_again") and not r["key"].startswith(("dmd", "traj"))
     ]
     dmd_compiles = [
         r["compile"] for k, r in runs.items() if not k.endswith("_again") and r["key"].startswith("dmd")
@@ -160,6 +219,8 @@ def measure(
     numbers["compile"] = round(statistics.median(compiles), 1)
     numbers["compile_dmd"] = round(statistics.median(dmd_compiles), 1)
     numbers["compile_cached"] = round(again["compile"], 1)
+    if "traj" in runs:
+        numbers["compile_traj"] = round(runs["traj"]["compile"], 1)
     numbers["process"] = round(statistics.median(r["process"] for r in runs.values()), 1)
     numbers["dmd"] = numbers["dmd_window"]
     if "dmd_sink" in numbers:
@@ -239,7 +300,8 @@ def step_key(stage: Stage) -> str:
 def estimate_seconds(plan: Plan) -> dict:
     """Seconds of every stage from `Profile.step_seconds` (see `study.profiles.Profile`): per
     training stage process + compile (or compile_cached for a program compiled before in the run)
-    + steps x its step time (`step_key`, falling back to `dmd`/`teacher`); per evaluation models x
+    + steps x its step time (`step_key`, falling back to `dmd`/`teacher`); the stored trajectories
+    process + compile_traj (or compile) + clips x traj_clip; per evaluation models x
     sampling seeds x chunks x eval_chunk (+ a cached compile per arm); per showcase rollout its
     chunks x rollout_chunk. -> dict(per_stage, per_group, total)"""
     p = plan.profile
@@ -264,6 +326,9 @@ def estimate_seconds(plan: Plan) -> dict:
                 ),
             )
             t += per_step * (s.expect_step - (plan.budget(s.init_steps_from) if s.resume_from else 0))
+        elif s.group == "traj":
+            clips = int(next(w for w in s.argv if w.startswith("--num_clips=")).split("=", 1)[1])
+            t += sec.get("compile_traj", sec["compile"]) + clips * sec["traj_clip"]
         elif s.group in ("eval", "teacher_check", "ablation") and s.argv:
             spec = json.loads(dict(s.files)[f"{s.workdir}/models.json"])
             seeds = next(w for w in s.argv if w.startswith("--seeds=")).split("=")[1].split(",")

@@ -5,12 +5,20 @@ Owns:
   `VARIANTS` (the state-learning ablation: issue 10 item 2's switches `train.state_loss` and the
   start, `train.init_from` a window student or the ODE init) and its pre-declared selection rule
   (`CRITERION`);
-- `Stage` and `build`: every stage as a command of `launch/train.py`, `launch/evaluate.py` or
-  `launch/rollout.py` (argv with `{python}` / `{repo}` tokens, run in the run directory) or an
-  in-process action (`pick_winner`, `report`), with its dependencies, its done-marker, and the DMD
-  steps it trains (inherited steps counted through `init_steps_from`);
+- `Stage` and `build`: every stage as a command of `launch/train.py`, `launch/evaluate.py`,
+  `launch/rollout.py` or `launch/make_ode_trajectories.py` (argv with `{python}` / `{repo}` tokens,
+  run in the run directory) or an in-process action (`pick_winner`, `report`), with its
+  dependencies, its done-marker, and the DMD steps it trains (inherited steps counted through
+  `init_steps_from`);
 - `Plan.budget`: the DMD steps of a trained model after the shared ODE init, inherited steps
   included (the time estimate is `study.measure.estimate_seconds`).
+
+The shared ODE init trains on the teacher's trajectories stored once by the `traj` stage
+(`launch/make_ode_trajectories.py`, `Profile.traj_clips` clips into RUN_DIR/ode_trajectories/,
+solved chunk by chunk in the teacher's `teacher_attention` layout) with `ode,stored`: a step is
+one student forward + backward, no teacher. `traj_clips=0` asks for the old way instead: no `traj`
+stage, the ODE stage solves a fresh trajectory per clip inside every step (`ode,window` with the
+teacher; ~2 x chunks x the teacher's Euler passes per clip and step, far slower at 21 frames).
 
 Budgets: every arm gets N = `dmd_steps` DMD generator steps after the shared ODE init. The window
 student is trained N/2 steps (`dmd/window_half_s*`), then continued from its checkpoints to N (the
@@ -48,7 +56,12 @@ from adastate_jax.study.profiles import CHUNK_FRAMES, PROFILES, Profile, profile
 
 CACHED_FRAMES = 4
 ODE_WINDOW_FRAMES = 3  # the shared ODE-init student: a window of the previous chunk, common to every arm
-STAGE_GROUPS = ("teacher", "teacher_check", "ode", "ablation", "dmd", "eval", "showcase", "report")
+STAGE_GROUPS = ("teacher", "teacher_check", "traj", "ode", "ablation", "dmd", "eval", "showcase", "report")
+TRAJ_DIR = "ode_trajectories"  # the traj stage's output (RUN_DIR/ode_trajectories/), the ODE init's data
+# records per trajectory shard, the unit in which a killed traj stage resumes (finished shards are
+# kept): smaller than the recipe's 128 (launch/panworld_models.sh) so that a kill loses minutes
+TRAJ_CLIPS_PER_FILE = 32
+TRAJ_BATCH = 8  # clips per jitted teacher call of the generator (its default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +154,9 @@ class Stage:
     stage trains; `init_steps_from`: the stage whose trained model it starts from (its steps
     count too); `resume_from`: a workdir whose checkpoints a fresh start copies (this run continues
     that one); `expect_step`: the step `export/info.json` must record; `files`: (path, text) written
-    before the command; `pending`: waits for the ablation's winner; `always`: run every time."""
+    before the command; `pending`: waits for the ablation's winner; `always`: run every time;
+    `owns_workdir`: not a training stage, but a changed command must not continue in its workdir
+    (the runner moves it aside when stale or unrecorded, as it does every training stage's)."""
 
     name: str
     group: str
@@ -157,6 +172,7 @@ class Stage:
     files: tuple[tuple[str, str], ...] = ()
     pending: bool = False
     always: bool = False
+    owns_workdir: bool = False
 
     def __post_init__(self):
         if self.group not in STAGE_GROUPS:
@@ -318,20 +334,58 @@ def build(
         )
     )
 
+    # --- the teacher's ODE trajectories, stored once ---------------------------------------------
+    # in the teacher's own layout: with the teacher-forcing teacher they are solved chunk by chunk,
+    # as it streams (whole-clip ODEs of a PanWorld teacher are not PanWorld videos:
+    # training/objectives/ode_init.py). The ODE overrides go to the generator too (its Euler
+    # substeps, guidance and sampler timesteps make the targets; the ODE stage checks the last
+    # against the stored metadata).
+    layout = ("train.teacher_attention", p.teacher_attention)
+    teacher_path = ("train.teacher_path", teacher_export)
+    if p.traj_clips:
+        from adastate_jax.data import trajectories
+
+        shards = len(trajectories.shard_counts(p.traj_clips, TRAJ_CLIPS_PER_FILE))
+        traj_argv = (
+            PYTHON,
+            f"{REPO}/launch/make_ode_trajectories.py",
+            f"--config={REPO}/{BASE_CONFIG}:ode",
+            *override_flags([*_common(p), layout, teacher_path, *p.ode_overrides]),
+            f"--out_dir={TRAJ_DIR}",
+            f"--num_clips={p.traj_clips}",
+            f"--clips_per_file={TRAJ_CLIPS_PER_FILE}",
+            f"--batch_size={TRAJ_BATCH}",
+        )
+        add(
+            Stage(
+                "traj",
+                "traj",
+                TRAJ_DIR,
+                # the generator writes no completion file (metadata.json comes first); its shards
+                # are renamed into place when complete, in order, and it exits 0 only after all
+                # of them: the last shard is there once every clip is
+                f"{TRAJ_DIR}/{trajectories.shard_name(shards - 1, shards)}",
+                traj_argv,
+                deps=(teacher,),
+                owns_workdir=True,  # a changed teacher or setting: the generator refuses the old dir
+            )
+        )
+
     # --- the shared ODE init: a window student -------------------------------------------------
-    ode_pairs = [
-        *_common(p),
-        ("stream.window_frames", ODE_WINDOW_FRAMES),
-        # the teacher's trajectories in its own layout: with the teacher-forcing teacher they are
-        # solved chunk by chunk, as it streams (whole-clip ODEs of a PanWorld teacher are not
-        # PanWorld videos: training/objectives/ode_init.py)
-        ("train.teacher_attention", p.teacher_attention),
+    ode_pairs = [*_common(p), ("stream.window_frames", ODE_WINDOW_FRAMES)]
+    if p.traj_clips:  # on the stored trajectories: no teacher in the step
+        ode_variant, ode_deps = "ode,stored", ("traj", teacher)
+        ode_pairs.append(("data.paths", f"('{TRAJ_DIR}',)"))  # a tuple of one string, quoted
+    else:  # asked for: solved on the fly inside every step, with the teacher
+        ode_variant, ode_deps = "ode,window", (teacher,)
+        ode_pairs.append(layout)
+    ode_pairs += [
         *p.ode_overrides,
         ("train.steps", p.ode_steps),
         ("train.batch_size", p.ode_batch),
         ("train.ckpt_every", max(p.ckpt_every, p.ode_steps // 4 or 1)),
         ("train.init_from", teacher_export),
-        ("train.teacher_path", teacher_export),
+        *([] if p.traj_clips else [teacher_path]),
     ]
     add(
         Stage(
@@ -339,8 +393,8 @@ def build(
             "ode",
             "ode",
             "ode/export/info.json",
-            _train_argv("ode,window", "ode", ode_pairs),
-            deps=(teacher,),
+            _train_argv(ode_variant, "ode", ode_pairs),
+            deps=ode_deps,
             expect_step=p.ode_steps,
         )
     )

@@ -16,7 +16,17 @@ import dataclasses
 from collections.abc import Mapping
 
 CHUNK_FRAMES = 3  # latent frames per chunk (config.stream.chunk_frames of configs/panworld.py)
-STEP_KEYS = ("teacher", "ode", "dmd", "eval_chunk", "rollout_chunk", "compile", "compile_cached", "process")
+STEP_KEYS = (
+    "teacher",
+    "traj_clip",
+    "ode",
+    "dmd",
+    "eval_chunk",
+    "rollout_chunk",
+    "compile",
+    "compile_cached",
+    "process",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +39,11 @@ class Profile:
     clip_frames: int  # latent frames of a training clip (21 = 7 chunks of 3)
     teacher_steps: int
     teacher_batch: int
-    ode_steps: int
+    # teacher ODE trajectories the `traj` stage stores for the ODE init (study.plan); 0: no traj
+    # stage, the ODE stage solves them on the fly inside every step (the teacher in the step: far
+    # slower at 21 frames; only when a profile asks for it with 0)
+    traj_clips: int
+    ode_steps: int  # ODE-init steps on the stored trajectories (batches cycle over them)
     ode_batch: int
     dmd_steps: int  # N: DMD generator steps of every arm after the ODE init (inherited ones counted)
     dmd_batch: int
@@ -37,11 +51,12 @@ class Profile:
     eval_seeds: tuple[int, ...]  # sampling seeds per trained model
     ablation_eval_seeds: tuple[int, ...]
     teacher_check_seeds: tuple[int, ...]
-    # seconds: per training step (`teacher`, `ode`, `dmd`, or `dmd_<arm>`), per evaluated chunk of
-    # one model x sampling seed (all prompts in one batch, scoring included: `eval_chunk`), per
-    # showcase chunk (`rollout_chunk`), per process start-up (`process`), per compilation
-    # (`compile`, `compile_dmd` for DMD stages when given; `compile_cached`: a program already in
-    # the run's persistent compilation cache)
+    # seconds: per training step (`teacher`, `ode`, `dmd`, or `dmd_<arm>`), per clip the `traj`
+    # stage stores (`traj_clip`), per evaluated chunk of one model x sampling seed (all prompts in
+    # one batch, scoring included: `eval_chunk`), per showcase chunk (`rollout_chunk`), per process
+    # start-up (`process`), per compilation (`compile`, `compile_dmd` for DMD stages and
+    # `compile_traj` for the trajectories' program when given; `compile_cached`: a program already
+    # in the run's persistent compilation cache)
     step_seconds: tuple[tuple[str, float], ...]
     # the teacher: trained with diffusion forcing, then fine-tuned `teacher_tf_steps` with
     # `teacher_attention` (configs/panworld.py's recipe: the diffusion-forcing teacher ignores the
@@ -73,6 +88,11 @@ class Profile:
     def __post_init__(self):
         if self.dmd_steps < 2 or self.dmd_steps % 2:
             raise ValueError(f"profile {self.name}: dmd_steps={self.dmd_steps} must be even and >= 2")
+        if self.traj_clips < 0 or 0 < self.traj_clips < self.ode_batch:
+            raise ValueError(
+                f"profile {self.name}: traj_clips={self.traj_clips} must be 0 (on the fly) or at least "
+                f"ode_batch={self.ode_batch}"
+            )
         if not self.train_seeds or self.ablation_seed < 0:
             raise ValueError(f"profile {self.name}: needs training seeds")
         if not self.horizons or min(self.horizons) < 1:
@@ -137,6 +157,7 @@ _register(
         teacher_steps=2,
         teacher_tf_steps=40,  # long enough to kill mid-way and watch it resume
         teacher_batch=2,
+        traj_clips=8,  # one generator batch
         ode_steps=2,
         ode_batch=2,
         dmd_steps=2,
@@ -158,6 +179,7 @@ _register(
         step_seconds=_pairs(
             {
                 "teacher": 0.1,
+                "traj_clip": 0.2,  # 0.17 CPU-s measured (2026-12-02, a loaded machine)
                 "ode": 0.2,
                 "dmd": 0.5,
                 "eval_chunk": 0.2,
@@ -192,11 +214,19 @@ _register(
 # 5.11 (53 s), ODE 5.11 (55 s), DMD window 8.36 / 8.71 (compile 124 s; 23 s from the cache),
 # DMD adastate 9.23 (139 s), process start 25-45 s; the evaluation probe did not run. With them
 # the profile as sized here does NOT fit 2.5 h (see `--dry_run`): shrink it before launching.
-# The ODE figure (5.1) is for whole-clip teacher trajectories; the ODE stage now solves them chunk
-# by chunk in the teacher's teacher-forcing layout (the whole-clip ones are not PanWorld videos,
-# training/objectives/ode_init.py), ~2 x 7 chunks x the teacher passes per step at 21 frames: NOT
-# measured, and on the fly it dominates the estimate; the recipe that works uses stored
-# trajectories (README "Training"), which this plan does not have a stage for yet.
+# The ODE init now follows the recipe that works (README "Training"): the `traj` stage stores the
+# teacher's trajectories once, solved chunk by chunk in its teacher-forcing layout (whole-clip ones
+# are not PanWorld videos, training/objectives/ode_init.py), and the ODE stage trains on them
+# (`ode,stored`: one student forward + backward per step, no teacher). The ODE figure above (5.1)
+# was a step that solved whole-clip trajectories on the fly; it is not what runs now. MEASURED for
+# the stored recipe (2026-12-02, this machine: `study.measure`'s traj and ODE probes run from a
+# scratch script after a 2-step teacher of this size, not a full `--measure`; CPU seconds, ~one
+# core's worth with other jobs on the 2 cores, so provisional): 11.0 s per stored clip (the second
+# batch of 8; its first, compiling batch 106 s of wall time: compile ~17 s), ODE on them 1.39
+# s/step (batch 4, compile 38 s). For scale: 768 clips of the 9-frame dim-128 recipe took 27 min
+# (0.47 clips/s, ~2.1 s/clip wall, README "Training"): at 21 frames a clip has 7 chunks instead
+# of 3 and each teacher pass sees 42 frames instead of 18. 128 clips: ~2 passes of the ODE init's
+# 60 x 4 clips.
 _register(
     Profile(
         name="cpu",
@@ -206,6 +236,7 @@ _register(
         teacher_steps=500,
         teacher_tf_steps=200,
         teacher_batch=8,
+        traj_clips=128,
         ode_steps=60,
         ode_batch=4,
         dmd_steps=30,
@@ -219,7 +250,9 @@ _register(
             {
                 "teacher": 2.4,
                 "teacher_tf": 5.1,
-                "ode": 5.1,
+                "traj_clip": 11.0,  # measured, provisional (above)
+                "compile_traj": 17.0,
+                "ode": 1.4,  # on the stored trajectories: measured, provisional (above)
                 "dmd": 8.5,
                 "dmd_adastate": 9.2,
                 "eval_chunk": 0.4,  # not measured (the measuring run stopped before it)
@@ -240,7 +273,12 @@ _register(
 # `python launch/study.py --profile=gpu --out=runs/study_gpu --measure --nomeasure_cpu_time` on the
 # device first and replace them. Twelve stages share the GPU (no preallocation) and the main
 # adastate arms train the paper's path (`adastate_variant`) alongside the ablation: the critical
-# path teacher -> fine-tune -> ODE -> window half -> adastate -> evaluation -> showcase is the estimate.
+# path teacher -> fine-tune -> trajectories -> ODE -> window half -> adastate -> evaluation ->
+# showcase is the estimate. The trajectories and the ODE init on them are guessed from the cpu
+# profile's measured ratios (a stored clip ~2.2 teacher-forcing steps at batch 8, its program's
+# compile ~0.35 of a training step's; an ODE step on stored trajectories ~0.27 of a teacher-forcing
+# step at half its batch) applied to the guesses here, rounded up for a GPU that a batch of 8 does
+# not fill: with them the whole estimate is 8.7 min, a margin smaller than these guesses' error.
 _register(
     Profile(
         name="gpu",
@@ -250,6 +288,7 @@ _register(
         teacher_steps=1500,
         teacher_tf_steps=500,
         teacher_batch=16,
+        traj_clips=256,  # ~6 passes of the ODE init's 200 x 8 clips (the recipe: 768 for 500 x 8)
         ode_steps=200,
         ode_batch=8,
         dmd_steps=100,
@@ -265,7 +304,9 @@ _register(
             {
                 "teacher": 0.03,
                 "teacher_tf": 0.05,
-                "ode": 0.08,
+                "traj_clip": 0.1,
+                "compile_traj": 7.0,
+                "ode": 0.03,  # on the stored trajectories (no teacher passes)
                 "dmd": 0.12,
                 "eval_chunk": 0.02,
                 "rollout_chunk": 0.02,

@@ -11,8 +11,9 @@ Owns:
     resume  the record has this fingerprint but the stage did not finish (killed, failed): its
             command runs again (launch/train.py resumes from the workdir's checkpoints);
     stale   the record has another fingerprint: the config changed, the stage runs from scratch
-            (a training stage's workdir is moved aside to `<workdir>.replaced`);
-    new     no record (a training workdir left without one is moved aside as well);
+            (a training stage's workdir, or one that `Stage.owns_workdir`, is moved aside to
+            `<workdir>.replaced`);
+    new     no record (such a workdir left without one is moved aside as well);
 - preparing a stage (`prepare`): moving a stale workdir aside, seeding a continuation's
   checkpoints from the run it continues (`Stage.resume_from`), writing its input files;
 - running (`Runner.run`): subprocesses in the run directory with logs in `RUN_DIR/logs/`, up to
@@ -131,8 +132,9 @@ def finished(run_dir: str, stage: Stage) -> bool:
 
 
 def owns_workdir(stage: Stage) -> bool:
-    """Training stages own their workdir (checkpoints a changed config must not resume from)."""
-    return bool(stage.expect_step)
+    """Training stages own their workdir (checkpoints a changed config must not resume from), and
+    stages that say so (`Stage.owns_workdir`: the stored trajectories of another teacher)."""
+    return bool(stage.expect_step) or stage.owns_workdir
 
 
 def stage_state(run_dir: str, stage: Stage, fingerprint: str) -> str:

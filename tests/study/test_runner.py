@@ -119,3 +119,20 @@ def test_a_stale_training_workdir_is_moved_aside(tmp_path):
     stage = plan_lib.Stage("t", "dmd", "t", "t/export/info.json", ("p",), expect_step=10)
     runner.prepare(str(tmp_path), stage, "stale", log=lambda m: None)
     assert not (tmp_path / "t").exists() and (tmp_path / "t.replaced" / "checkpoints").is_dir()
+
+
+def test_a_stage_that_owns_its_workdir_is_moved_aside_when_stale_and_kept_when_resumed(tmp_path):
+    """The stored trajectories (plan's `traj` stage, not a training stage): a changed command (e.g. a
+    retrained teacher) must not continue in the old directory (the generator refuses it); a killed
+    one continues there (finished shards are skipped)."""
+    stage = plan_lib.Stage("traj", "traj", "d", "d/last", ("p",), owns_workdir=True)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "metadata.json").write_text("{}")
+    runner.prepare(str(tmp_path), stage, "resume", log=lambda m: None)
+    assert (tmp_path / "d" / "metadata.json").exists()
+    runner.prepare(str(tmp_path), stage, "stale", log=lambda m: None)
+    assert not (tmp_path / "d").exists() and (tmp_path / "d.replaced" / "metadata.json").exists()
+    plain = plan_lib.Stage("x", "traj", "x", "x/last", ("p",))  # neither: its directory stays
+    (tmp_path / "x").mkdir()
+    runner.prepare(str(tmp_path), plain, "stale", log=lambda m: None)
+    assert (tmp_path / "x").is_dir()
