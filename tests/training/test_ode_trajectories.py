@@ -26,7 +26,7 @@ from adastate_jax.models import checkpoint_io, wan
 from adastate_jax.training import loop, ode_trajectories
 from adastate_jax.training.objectives import flow_matching as fm
 from adastate_jax.training.objectives import ode_init
-from tests.training.conftest_helpers import REPO, one_device_mesh, panworld_config, read_metrics
+from tests.training.conftest_helpers import REPO, one_device_mesh, panworld_config, read_metrics, small_model_flags
 
 pytest.importorskip("array_record")
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter  # noqa: E402
@@ -324,7 +324,7 @@ def test_command_line_resumes_the_directory_the_library_wrote(stored, teacher, t
         "--config=" + os.path.join(REPO, "configs", "panworld.py") + ":ode",
         f"--config.train.teacher_path={teacher[0]}", "--config.train.init_from=",
         "--config.train.ode_substeps=2", "--config.sampler.denoising_steps=(1000, 500)",
-        "--config.model.num_layers=1", "--config.data.panworld.num_frames=6",
+        *small_model_flags(), "--config.data.panworld.num_frames=6",
         f"--out_dir={out}", f"--num_clips={NUM_CLIPS}", f"--clips_per_file={PER_FILE}",
         "--batch_size=2", f"--noise_seed={SEED}",
     ]  # fmt: skip
