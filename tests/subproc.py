@@ -9,6 +9,13 @@ Not used: `--xla_cpu_use_fusion_emitters=false` on top (4.8 s) breaks those equa
 would test other numerics than users get. Users' jobs never see these flags (set by
 `tests/conftest.py` and `child_env` only).
 
+`FAST_COMPILE`: per-program compile options (`jax.jit(..., compiler_options=FAST_COMPILE)` or
+`.lower(...).compile(FAST_COMPILE)`) on top of those, for the largest programs of the suite: LLVM's
+expensive passes off. `TOLERANT_COMPILE` adds XLA:CPU's older loop emitters instead of the fusion
+emitters users get (the exit-step gradient program: 35 s -> 22 s of compile on a loaded machine):
+only for programs whose test compares against a tolerance, never for a bit-for-bit equality
+between two programs (the emitters change the round-off, not the math).
+
 `child_env`: a copy of this process's environment for a subprocess (a launch script under test):
 CPU only, `devices` fake CPU devices, the same compile flags and the suite's persistent
 compilation cache, the repository importable.
@@ -19,6 +26,8 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 CACHE_DIR = os.path.join(REPO, ".jax_compilation_cache")
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+TOLERANT_COMPILE = {**FAST_COMPILE, "xla_cpu_use_fusion_emitters": False}
 
 
 def xla_flags(devices: int = 1) -> str:

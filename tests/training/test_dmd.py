@@ -17,6 +17,7 @@ from adastate_jax.training import loop
 from adastate_jax.training.checkpoint import TrainCheckpointer
 from adastate_jax.training.objectives import dmd
 from adastate_jax.training.objectives import flow_matching as fm
+from tests.subproc import FAST_COMPILE as FAST
 from tests.training.conftest_helpers import one_device_mesh, panworld_config, read_metrics
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +155,6 @@ def test_critic_defaults_to_a_copy_of_the_teacher(tmp_path):
 
 MU = np.array([1.0, -0.5, 0.5, -1.0], np.float32)  # the teacher's data: x0 ~ N(MU_c, 0.5^2) per channel
 SHIFT = np.array([0.5, -0.5, 0.5, -0.5], np.float32)  # added to the student's output-head bias
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}  # compile time
 
 
 def _tiny_dmd_config(lr):

@@ -26,11 +26,11 @@ from adastate_jax.streaming.rollout import Streamer
 from adastate_jax.streaming.sampler import SamplerConfig
 from adastate_jax.training.objectives import flow_matching as fm
 from adastate_jax.training.objectives.ode_init import OdeInit
+from tests.subproc import FAST_COMPILE as FAST
 from tests.training.conftest_helpers import panworld_config
 
 CHUNKS = 7  # the paper's 21-frame training clip
 LAT = 4  # 4x4 latents, patch 2x2: 4 tokens per frame
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 SLOW = ("window_absolute", "full_ring", "sink_longlive", "adastate_absolute_noise")  # one compile each
 POLICIES = {

@@ -12,6 +12,7 @@ from flax import nnx
 from adastate_jax.models import checkpoint_io, wan
 from adastate_jax.training import loop
 from adastate_jax.training.objectives import dmd
+from tests.subproc import TOLERANT_COMPILE
 from tests.training.conftest_helpers import one_device_mesh, panworld_config, read_metrics
 
 
@@ -130,7 +131,7 @@ def test_truncated_gradient_through_adastate_carry(tmp_path, random_teacher):
             video, _ = obj.rollout(p, text, jax.random.key(0), jnp.int32(0), 2)
             return jnp.mean(jnp.square(video[:, 3:]))  # chunk 1 only
 
-        grads[k] = jax.jit(jax.grad(late_chunk_loss))(params)
+        grads[k] = jax.jit(jax.grad(late_chunk_loss), compiler_options=TOLERANT_COMPILE)(params)
     g1, g2 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads[k])]) for k in (1, 2))
     assert np.abs(g1 - g2).max() > 1e-6 * np.abs(g2).max()
 

@@ -26,7 +26,13 @@ from adastate_jax.models import checkpoint_io, wan
 from adastate_jax.training import loop, ode_trajectories
 from adastate_jax.training.objectives import flow_matching as fm
 from adastate_jax.training.objectives import ode_init
-from tests.training.conftest_helpers import REPO, one_device_mesh, panworld_config, read_metrics, small_model_flags
+from tests.training.conftest_helpers import (
+    REPO,
+    one_device_mesh,
+    panworld_config,
+    read_metrics,
+    small_model_flags,
+)
 
 pytest.importorskip("array_record")
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter  # noqa: E402

@@ -21,9 +21,9 @@ from adastate_jax import config as config_lib
 from adastate_jax.models import checkpoint_io, wan
 from adastate_jax.training import loop
 from adastate_jax.training.objectives import dmd
+from tests.subproc import FAST_COMPILE as FAST
 from tests.training.conftest_helpers import one_device_mesh, panworld_config
 
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 SHIFT = np.array([0.5, -0.5, 0.5, -0.5], np.float32)  # the critic's output-head bias minus the teacher's
 
 
