@@ -99,12 +99,18 @@ def _train_numbers(workdir: str, log: str, wall: float, steps: int, cpu: float |
     with open(log) as fh:
         found = re.findall(r"compiled the train step in ([0-9.]+)s", fh.read())
     compile_s = float(found[-1]) if found else float("nan")
+    return _scaled(step, compile_s, steps, wall, cpu)
+
+
+def _scaled(step: float, compile_s: float, units: int, wall: float, cpu: float | None) -> dict:
+    """Wall seconds per unit (step or clip) and of the compile, scaled to CPU seconds when `cpu`
+    is given; the process start-up is the rest of `wall`."""
     scale = 1.0 if cpu is None else cpu / wall
     step, compile_s = step * scale, compile_s * scale
     return dict(
         step=step,
         compile=compile_s,
-        process=max(0.0, wall * scale - compile_s - step * steps),
+        process=max(0.0, wall * scale - compile_s - step * units),
         wall=wall,
         cpu_scale=scale,
     )
@@ -124,15 +130,7 @@ def _traj_numbers(log: str, wall: float, clips: int, batch: int, cpu: float | No
     n, seconds = int(done[-1][0]), float(done[-1][1])
     per_clip = (seconds - float(first[-1])) / (n - batch)
     compile_s = max(0.0, float(first[-1]) - batch * per_clip)
-    scale = 1.0 if cpu is None else cpu / wall
-    per_clip, compile_s = per_clip * scale, compile_s * scale
-    return dict(
-        step=per_clip,
-        compile=compile_s,
-        process=max(0.0, wall * scale - compile_s - per_clip * n),
-        wall=wall,
-        cpu_scale=scale,
-    )
+    return _scaled(per_clip, compile_s, n, wall, cpu)
 
 
 def _traj_probe(stage: Stage, root: str, env: dict, cpu_time: bool, batches: int = 2) -> dict:
