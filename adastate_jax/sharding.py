@@ -53,6 +53,7 @@ class MeshConfig:
             sizes[fill[0]] = n // known
         return sizes
 
+
 # logical axis name -> mesh axis (or tuple of mesh axes, or None for replicated).
 # One table for parameters, activations and the KV cache (MaxText habit).
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (

@@ -51,6 +51,22 @@ def prepare_chunk(frames: np.ndarray, factor: int, even: bool = False) -> np.nda
     return frames
 
 
+def beside(frames: np.ndarray, still: np.ndarray, gap: int = 1) -> np.ndarray:
+    """Frames [T, H, W, 3] with one image `still` [H, W2, 3] beside each (to their right), a dark
+    `gap`-pixel column between: a video with what stays fixed over it, e.g. a chunk and its decoded
+    state. Both uint8, or both floats in [-1, 1]."""
+    frames, still = np.asarray(frames), np.asarray(still)
+    if frames.ndim != 4 or still.ndim != 3 or frames.shape[1] != still.shape[0]:
+        raise ValueError(
+            f"beside: frames [T, H, W, 3] and an image [H, W2, 3], got {frames.shape} and {still.shape}"
+        )
+    if frames.dtype != still.dtype:
+        raise ValueError(f"beside: frames are {frames.dtype} but the image is {still.dtype}")
+    t, h = frames.shape[:2]
+    dark = np.full((t, h, gap, 3), 0 if frames.dtype == np.uint8 else -1, frames.dtype)
+    return np.concatenate([frames, dark, np.broadcast_to(still, (t, *still.shape))], axis=2)
+
+
 def latent_value_range(latents: np.ndarray) -> tuple[float, float]:
     """The 2nd-98th percentile range of the first 3 channels of latents [..., C]: the preview's scale."""
     x = np.asarray(latents, np.float32)[..., :3]

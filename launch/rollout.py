@@ -78,7 +78,12 @@ flags.DEFINE_string(
 flags.DEFINE_bool(
     "instrument", False, "Record the attention share of anchor/window/current per chunk and layer."
 )
-flags.DEFINE_bool("show_state", True, "adastate: also write the decoded state latent as <base>_state.mp4.")
+flags.DEFINE_bool(
+    "show_state",
+    True,
+    "adastate: also write the decoded state latent as <base>_state.mp4, and the video with each "
+    "chunk's state beside it as <base>_beside.mp4.",
+)
 flags.DEFINE_string("vae_checkpoint", "", "Wan VAE weights (torch) when config.vae.kind='wan'.")
 flags.DEFINE_string("text_checkpoint", "", "UMT5 encoder weights when config.text.kind='umt5'.")
 flags.DEFINE_float("fps", 16.0, "Frames per second of the written video.")
@@ -154,6 +159,7 @@ def main(argv):
         status="running",
         video=files.video,
         state_video=files.state_video,
+        beside_video=files.beside_video,
         records=files.records,
         config=json.loads(config_lib.to_json(cfg)),
         checkpoint=dit.source,

@@ -54,6 +54,7 @@ def test_rollout_cli_writes_video_state_records_and_summary(tmp_path, env):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "randomly initialised" in r.stdout + r.stderr  # honest about the untrained model
     assert _frames(str(out)) == 12 and _frames(str(tmp_path / "demo_state.mp4")) == 4
+    assert _frames(str(tmp_path / "demo_beside.mp4")) == 12  # the video with each chunk's state beside it
     records = writers.read_records(str(tmp_path / "demo.jsonl"))
     assert [r["chunk"] for r in records] == [0, 1, 2, 3]
     assert [r["prompt_id"] for r in records] == [0, 0, 1, 1]

@@ -3,7 +3,8 @@ records, in host memory that does not grow with the number of chunks.
 
 Owns:
   * `RolloutFiles` / `rollout_files(out, show_state)`: the files of a rollout (`<out>` .mp4/.gif,
-    `<base>_state.mp4`, `<base>.jsonl`, `<base>.json`), checked before any work is done: the video
+    `<base>_state.mp4`, `<base>_beside.mp4` (the video with each chunk's decoded state to its right),
+    `<base>.jsonl`, `<base>.json`), checked before any work is done: the video
     extension, a folder that exists or can be made and is writable, ffmpeg present.
   * `PromptSchedule`: prompt switches `{chunk: prompt_id}` as data, iterated lazily (unbounded
     when `num_chunks == 0`), `at(chunk)` for any chunk; memory O(number of switches).
@@ -57,6 +58,7 @@ class RolloutFiles:
     state_video: str | None  # <base>_state.mp4, or None
     records: str  # <base>.jsonl: one record per chunk
     summary: str  # <base>.json: settings and totals, written atomically
+    beside_video: str | None = None  # <base>_beside.mp4: the video with its chunk's state beside it
 
 
 def rollout_files(out: str, show_state: bool = False, name: str = "--out") -> RolloutFiles:
@@ -86,6 +88,7 @@ def rollout_files(out: str, show_state: bool = False, name: str = "--out") -> Ro
         state_video=base + "_state.mp4" if show_state else None,
         records=base + ".jsonl",
         summary=base + ".json",
+        beside_video=base + "_beside.mp4" if show_state else None,
     )
 
 
@@ -217,7 +220,7 @@ def write_rollout(
     pixels as they are written (lead frames dropped; only with a decoder), e.g. a camera tracker.
     Every file is finalised on return, on a stop and on an exception.
 
-    Returns {num_chunks, video_frames, state_frames, first_segment_s, latency (chunks after the
+    Returns {num_chunks, video_frames, state_frames, beside_frames, first_segment_s, latency (chunks after the
     first segment: `RunningStats.as_dict`), elapsed_s}."""
     sc, dec = streamer.stream_cfg, streamer.decoder
     lead = dec.lead_frames if dec is not None else 0
@@ -231,10 +234,13 @@ def write_rollout(
     t_start = t_prev = time.perf_counter()
     with contextlib.ExitStack() as stack:
         vw = stack.enter_context(writers.VideoStreamWriter(files.video, fps, min_size, skip_frames=lead))
-        sw = None
+        sw = bw = None
         if files.state_video:
             sw = writers.VideoStreamWriter(files.state_video, fps / 3, min_size, skip_frames=lead)
             stack.enter_context(sw)
+        if files.state_video and files.beside_video:
+            bw = writers.VideoStreamWriter(files.beside_video, fps, min_size, skip_frames=lead)
+            stack.enter_context(bw)
         rw = stack.enter_context(writers.RecordWriter(files.records))
         segments = streamer.rollout_segments(
             params, carry, iter(schedule), prompts, segment_chunks, decoder_params=decoder_params
@@ -262,7 +268,10 @@ def write_rollout(
                     on_frames(chunk, frames[lead:] if chunk == 0 else frames)
                 if sw is not None:
                     state = outs.state[i, batch_index]  # [F_s, h, w, C]
-                    sw.write(state_decode(state) if state_decode else video.latents_to_rgb(state, state_pv))
+                    shown = state_decode(state) if state_decode else video.latents_to_rgb(state, state_pv)
+                    sw.write(shown)
+                    if bw is not None:  # the chunk's frames, the state it committed beside them
+                        bw.write(video.beside(frames, np.asarray(shown[-1], np.asarray(frames).dtype)))
                 rw.write(
                     chunk_record(
                         sc,
@@ -284,6 +293,7 @@ def write_rollout(
         num_chunks=num_chunks,
         video_frames=vw.frames_written,
         state_frames=0 if sw is None else sw.frames_written,
+        beside_frames=0 if bw is None else bw.frames_written,
         first_segment_s=first_segment_s,
         latency=stats.as_dict(),
         elapsed_s=time.perf_counter() - t_start,

@@ -50,6 +50,7 @@ def test_rollout_files_sit_beside_the_video(tmp_path):
         state_video=str(tmp_path / "sub" / "run_state.mp4"),
         records=str(tmp_path / "sub" / "run.jsonl"),
         summary=str(tmp_path / "sub" / "run.json"),
+        beside_video=str(tmp_path / "sub" / "run_beside.mp4"),
     )
     assert (tmp_path / "sub").is_dir() and not os.listdir(tmp_path / "sub")  # the folder, no file
     assert recorder.rollout_files(str(tmp_path / "a.mp4")).state_video is None
@@ -179,6 +180,13 @@ def test_every_chunk_reaches_the_video_and_the_records_as_the_rollout_gives_it(s
     print(f"luma mean abs error of the mp4: {err:.2f} / 255 (vs the previous frame: {err_next:.2f})")
     assert err < 0.3 * err_next
     assert _read(files.state_video).shape[0] == 7  # one PatchCodec frame per chunk's state
+    # the video with each chunk's state to its right (8 + 1 + 8 px wide before the x2 upscale)
+    beside = _read(files.beside_video)
+    assert beside.shape == (21, 16, 34, 3) and res["beside_frames"] == 21
+    assert np.abs(luma(beside[:, :, :16]) - luma(want)).mean() < 0.3 * err_next
+    state_px = luma(_read(files.state_video))  # [7, 16, 16]
+    err_state = np.abs(luma(beside[:, :, 18:]) - np.repeat(state_px, 3, axis=0)).mean()
+    assert err_state < 0.3 * np.abs(state_px[1:] - state_px[:-1]).mean()
 
 
 class _StopAfter:
