@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import time
@@ -136,9 +137,7 @@ def _traj_numbers(log: str, wall: float, clips: int, batch: int, cpu: float | No
 def _traj_probe(stage: Stage, root: str, env: dict, cpu_time: bool, batches: int = 2) -> dict:
     """Run the `traj` stage's generator in `root` for `batches` batches (scoring off), into the
     stage's own directory (replaced): the ODE probe after it trains on those clips. -> `_traj_numbers`"""
-    import shutil
-
-    batch = int(next((w.split("=", 1)[1] for w in stage.argv if w.startswith("--batch_size=")), 8))
+    batch = plan_lib.TRAJ_BATCH
     clips = batches * batch
     argv = [w for w in stage.argv if not w.startswith(("--num_clips=", "--score_clips="))]
     argv += [f"--num_clips={clips}", "--score_clips=0"]
@@ -325,8 +324,7 @@ def estimate_seconds(plan: Plan) -> dict:
             )
             t += per_step * (s.expect_step - (plan.budget(s.init_steps_from) if s.resume_from else 0))
         elif s.group == "traj":
-            clips = int(next(w for w in s.argv if w.startswith("--num_clips=")).split("=", 1)[1])
-            t += sec.get("compile_traj", sec["compile"]) + clips * sec["traj_clip"]
+            t += sec.get("compile_traj", sec["compile"]) + p.traj_clips * sec["traj_clip"]
         elif s.group in ("eval", "teacher_check", "ablation") and s.argv:
             spec = json.loads(dict(s.files)[f"{s.workdir}/models.json"])
             seeds = next(w for w in s.argv if w.startswith("--seeds=")).split("=")[1].split(",")

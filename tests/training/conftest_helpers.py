@@ -5,16 +5,16 @@ import os
 
 import jax
 
-# the DiT of the tests (unless `full_model`): what they check does not depend on the recipe's size
+# the DiT of the tests: what they check does not depend on the recipe's size
 SMALL_MODEL = dict(num_layers=1, dim=64, num_heads=2, ffn_dim=128)
 SMALL_STEPS = (1000.0, 500.0)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def panworld_config(arg="teacher", *, full_model=False, **train):
+def panworld_config(arg="teacher", **train):
     """configs/panworld.py:`arg` for a test: batch 2, 6-frame clips (2 chunks of 3), synchronous
-    checkpoints, and (unless `full_model`) a 1-layer, 64-wide DiT with 2 denoising steps: what these
+    checkpoints, and a 1-layer, 64-wide DiT with 2 denoising steps: what these
     tests check does not depend on the recipe's size (dim 128, 2 layers, 4 steps), their compile
     time does (about linear in the layers and steps a program traces)."""
     path = os.path.join(REPO, "configs", "panworld.py")
@@ -28,9 +28,8 @@ def panworld_config(arg="teacher", *, full_model=False, **train):
     cfg.train.warmup = 0
     cfg.train.async_checkpoints = False
     cfg.data.panworld.num_frames = 6  # 2 chunks of 3
-    if not full_model:
-        cfg.model.update(SMALL_MODEL)
-        cfg.sampler.denoising_steps = SMALL_STEPS
+    cfg.model.update(SMALL_MODEL)
+    cfg.sampler.denoising_steps = SMALL_STEPS
     for k, v in train.items():
         cfg.train[k] = v
     return cfg
