@@ -159,6 +159,106 @@ def attention_table(summary: Sequence[Mapping]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# What rules out an implementation error (issue 10 item 6)
+# ------------------------------------------------------------------------------------------------
+
+# (what is pinned, the test that pins it: "file::function"); tests/study/test_report.py checks that
+# every named test exists, so this list cannot point at a test that was renamed or removed
+IMPLEMENTATION_CHECKS = (
+    (
+        "every training layout (teacher forcing, diffusion forcing, ODE init) attends to what "
+        "`Streamer.step` attends to over a 7-chunk rollout, per policy",
+        "tests/training/test_layouts.py::test_context_schedule_is_what_streamer_step_attends_to",
+    ),
+    (
+        "a teacher-forcing pass under the derived layout equals the streamed chunks' denoiser outputs",
+        "tests/training/test_layouts.py::test_teacher_forcing_forward_equals_the_streamed_chunks",
+    ),
+    (
+        "the adastate chunk masks its state slot at chunk 0 and reads it from chunk 1 on",
+        "tests/streaming/test_rollout.py::test_adastate_first_chunk_masks_state_then_reads_it",
+    ),
+    (
+        "the adastate cache layout is the same at chunk 3 and chunk 300 (nothing drifts with length)",
+        "tests/streaming/test_rollout.py::test_adastate_layout_is_identical_at_chunk_3_and_300",
+    ),
+    (
+        "the state's gradient reaches the next chunk iff the truncation allows it (state learning a)",
+        "tests/training/test_state_learning.py::test_state_gradient_reaches_the_next_chunk_iff_truncation_allows",
+    ),
+    (
+        "`train.state_loss` regress / dmd move the state toward their target; none adds nothing (b)",
+        "tests/training/test_state_learning.py::test_state_loss_moves_the_state_toward_its_target",
+    ),
+    (
+        "an adastate student starts bit for bit from the window student's export (c)",
+        "tests/training/test_state_learning.py::test_adastate_dmd_starts_bitwise_from_a_window_export_and_records_it",
+    ),
+    (
+        "the `sink` policy with absolute positions reproduces LongLive's cache layout",
+        "tests/streaming/test_rollout.py::test_sink_absolute_reproduces_longlive_layout",
+    ),
+    (
+        "the `ema_sink` commit equals a hand-computed EMA of the evicted frames",
+        "tests/streaming/test_rollout.py::test_ema_sink_commit_matches_hand_computed_ema",
+    ),
+    (
+        "cached chunk-by-chunk forwards equal one block-causal forward of the whole sequence",
+        "tests/models/test_wan.py::test_cached_chunks_match_block_causal_forward",
+    ),
+)
+
+
+def state_motion(run_dir: str, arm: str, pw: Mapping) -> dict | None:
+    """How much the decoded state of `arm`'s showcase rollout changes from chunk to chunk, next to
+    how much the video changes over the same chunks (mean absolute difference in [-1, 1] pixels):
+    a state the model never writes stays constant (ratio ~0). None when the rollout is missing."""
+    state_mp4 = os.path.join(run_dir, "showcase", f"{arm}_state.mp4")
+    video_mp4 = os.path.join(run_dir, "showcase", f"{arm}.mp4")
+    if not (os.path.exists(state_mp4) and os.path.exists(video_mp4)):
+        return None
+    h, w = int(pw["frame_height"]), int(pw["frame_width"])
+    state = _frames(state_mp4, h, w)
+    vid = _frames(video_mp4, h, w)
+    per_chunk = max(1, vid.shape[0] // max(state.shape[0], 1))
+    last = vid[per_chunk - 1 :: per_chunk][: state.shape[0]]  # each chunk's last frame
+    if state.shape[0] < 2 or last.shape[0] < 2:
+        return None
+    ds = float(np.abs(np.diff(state, axis=0)).mean())
+    dv = float(np.abs(np.diff(last, axis=0)).mean())
+    return dict(
+        arm=arm, chunks=int(state.shape[0]), state_change=ds, video_change=dv, ratio=ds / dv if dv else 0.0
+    )
+
+
+def implementation_section(attention: Sequence[Mapping], motion: Sequence[Mapping]) -> list[str]:
+    out = [
+        "## What rules out an implementation error",
+        "",
+        "The default test suite (`python -m pytest`) pins the mechanism the arms differ by:",
+        "",
+    ]
+    out += [f"- {what} (`{test}`)" for what, test in IMPLEMENTATION_CHECKS]
+    out += ["", "In this run:", ""]
+    state_rows = [r for r in attention if r["arm"].startswith("adastate")]
+    for r in state_rows:
+        ratio = "n/a" if not math.isfinite(r["anchor_vs_uniform"]) else f"{r['anchor_vs_uniform']:.2f}"
+        out.append(
+            f"- `{r['arm']}` reads its state: attention share {r['anchor']:.3f} over chunks {r['span']} "
+            f"({ratio}x its share of the keys)"
+        )
+    for m in motion:
+        out.append(
+            f"- `{m['arm']}` writes its state: the decoded state changes by {m['state_change']:.3f} per "
+            f"chunk on average over {m['chunks']} chunks, against {m['video_change']:.3f} for the video's "
+            f"chunk-end frames (ratio {m['ratio']:.2f}; a state that is never written stays at ~0)"
+        )
+    if not state_rows and not motion:
+        out.append("- (the evaluation and showcase have not run yet)")
+    return out + [""]
+
+
+# ------------------------------------------------------------------------------------------------
 # Videos: the five policies side by side, the decoded state
 # ------------------------------------------------------------------------------------------------
 
@@ -336,6 +436,11 @@ def write(run_dir: str, plan: plan_lib.Plan, command: str = "") -> dict:
             )
             if got:
                 videos += [os.path.basename(x) for x in got]
+    motion = (
+        [m for m in (state_motion(run_dir, a.name, pw) for a in plan_lib.ARMS if a.adastate) if m]
+        if pw
+        else []
+    )
 
     # --- the JSON ----------------------------------------------------------------------------
     times = timings(run_dir, plan)
@@ -365,6 +470,7 @@ def write(run_dir: str, plan: plan_lib.Plan, command: str = "") -> dict:
         rows=main_rows,
         verdict=verdict,
         attention=attention,
+        state_motion=motion,
         timings=times,
         notes=list(plan.notes),
         files=sorted(copied + videos),
@@ -438,6 +544,7 @@ def markdown(study: Mapping, plan: plan_lib.Plan, main_res: Mapping | None) -> s
                 f"![{a} video and state]({a}_state.gif)",
                 "",
             ]
+    out += implementation_section(study["attention"], study.get("state_motion", []))
     t = study["teacher_check"]
     out += ["## The teacher inside its clip (issue 10 item 3)", ""]
     if t["row"]:
