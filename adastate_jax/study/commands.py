@@ -38,9 +38,11 @@ def sampler_steps(n: int) -> tuple[float, ...]:
     return tuple(round(1000.0 - i * (1000.0 - 1000.0 / n) / max(n - 1, 1), 2) for i in range(n))
 
 
-def _common(p: Profile) -> list[tuple[str, object]]:
-    """Every stage's overrides: the model and the clip length."""
-    return [*p.model, ("data.panworld.num_frames", p.clip_frames), ("stream.max_frames", p.clip_frames)]
+def _common(p: Profile, frames: int = 0) -> list[tuple[str, object]]:
+    """Every stage's overrides: the model and the clip length (`frames`, default the profile's
+    training clip; the teacher's stages pass `Profile.teacher_frames`)."""
+    frames = frames or p.clip_frames
+    return [*p.model, ("data.panworld.num_frames", frames), ("stream.max_frames", frames)]
 
 
 def _train_argv(variant: str, workdir: str, pairs) -> tuple[str, ...]:

@@ -265,7 +265,7 @@ def build(
 
     # --- teacher, its optional teacher-forcing fine-tune, and its within-clip check -----------
     teacher_pairs = [
-        *_common(p),
+        *_common(p, p.teacher_frames),
         ("train.attention", "diffusion_forcing" if p.teacher_tf_steps else p.teacher_attention),
         *p.teacher_overrides,
         ("train.steps", p.teacher_steps),
@@ -286,7 +286,7 @@ def build(
     teacher = "teacher"
     if p.teacher_tf_steps:
         tf_pairs = [
-            *_common(p),
+            *_common(p, p.teacher_frames),
             ("train.attention", p.teacher_attention),
             ("train.steps", p.teacher_tf_steps),
             ("train.batch_size", p.teacher_batch),

@@ -65,6 +65,10 @@ class Profile:
     teacher_attention: str = "teacher_forcing"  # the students' teacher's layout (DMD's scores)
     teacher_tf_steps: int = 0
     teacher_overrides: tuple[tuple[str, object], ...] = ()
+    # latent frames of the teacher's training clips (0: clip_frames). Shorter clips train the
+    # teacher for less per step (the shipped PanWorld teacher trained on 9 frames follows the
+    # prompts over 21, assets/study/teacher_search.md); the teacher check is always at clip_frames
+    teacher_clip_frames: int = 0
     ode_overrides: tuple[tuple[str, object], ...] = ()
     dmd_overrides: tuple[tuple[str, object], ...] = ()
     baseline_alpha: float = 2.0  # horizon weight of the arms without their own alpha
@@ -93,6 +97,11 @@ class Profile:
                 f"profile {self.name}: traj_clips={self.traj_clips} must be 0 (on the fly) or at least "
                 f"ode_batch={self.ode_batch}"
             )
+        if self.teacher_clip_frames < 0 or self.teacher_clip_frames % CHUNK_FRAMES:
+            raise ValueError(
+                f"profile {self.name}: teacher_clip_frames={self.teacher_clip_frames} must be 0 (the "
+                f"training clip) or whole chunks of {CHUNK_FRAMES} frames"
+            )
         if not self.train_seeds or self.ablation_seed < 0:
             raise ValueError(f"profile {self.name}: needs training seeds")
         if not self.horizons or min(self.horizons) < 1:
@@ -105,6 +114,10 @@ class Profile:
         missing = [k for k in STEP_KEYS if k not in dict(self.step_seconds)]
         if missing:
             raise ValueError(f"profile {self.name}: step_seconds lacks {missing}")
+
+    @property
+    def teacher_frames(self) -> int:
+        return self.teacher_clip_frames or self.clip_frames
 
     @property
     def eval_chunks(self) -> int:

@@ -204,3 +204,30 @@ def test_the_trajectory_probe_reads_the_generators_log(tmp_path):
     log.write_text("I1202 ode_trajectories.py:260] first batch (with compilation) in 30.0s\n")
     with pytest.raises(RuntimeError, match="after the first"):
         measure._traj_numbers(str(log), wall=60.0, clips=8, batch=8)
+
+
+def test_the_teacher_trains_on_its_own_clip_length_and_is_checked_on_the_students():
+    """`Profile.teacher_clip_frames`: the teacher and its fine-tune read shorter clips; the teacher
+    check, the trajectories, the ODE init and every arm stay on the profile's training clip."""
+    import dataclasses
+
+    p = dataclasses.replace(profiles.profile("cpu"), teacher_clip_frames=9)
+    plan = plan_lib.build(p, winner="bptt_window")
+
+    def frames(stage):
+        got = [w.split("=", 1)[1] for w in stage.argv if w.startswith("--config.data.panworld.num_frames=")]
+        return int(got[-1]) if got else None
+
+    for name in ("teacher", "teacher_tf"):
+        assert frames(plan.stage(name)) == 9
+        assert "--config.stream.max_frames=9" in plan.stage(name).argv
+    for s in plan.stages:
+        if s.argv and s.group not in ("teacher",):
+            assert frames(s) in (None, p.clip_frames), s.name
+    assert frames(plan.stage("teacher_check")) == 21 and frames(plan.stage("traj")) == 21
+    assert (
+        p.teacher_frames == 9
+        and profiles.profile("toy").teacher_frames == profiles.profile("toy").clip_frames
+    )
+    with pytest.raises(ValueError, match="teacher_clip_frames=8"):
+        dataclasses.replace(p, teacher_clip_frames=8)
