@@ -134,6 +134,42 @@ def pick_winner(run_dir: str, plan: plan_lib.Plan) -> None:
     print(f"[study] ablation winner: {got['winner']}")
 
 
+def use_shipped_teacher(run_dir: str, plan: plan_lib.Plan) -> None:
+    """`Profile.teacher_from`: check the shipped teacher (every file's sha256, its architecture
+    against the profile's `model` overrides) and copy it to RUN_DIR/teacher/export atomically."""
+    import shutil
+
+    from adastate_jax import shipped
+
+    p = plan.profile
+    with open(os.path.join(run_dir, "teacher", "source.json")) as fh:
+        source = json.load(fh)
+    manifest = shipped.read_manifest(source["name"])
+    if manifest["params_sha256"] != source["params_sha256"]:
+        raise ValueError(
+            f"shipped {source['name']}: params {manifest['params_sha256'][:12]}... are not the ones this "
+            f"stage was planned with ({source['params_sha256'][:12]}...); re-run the study command"
+        )
+    shipped.verify_files(source["name"], manifest=manifest)
+    model = manifest["config"]["model"]
+    wrong = [
+        f"{k}: profile {v!r}, shipped {model.get(k[len('model.') :])!r}"
+        for k, v in p.model
+        if k.startswith("model.") and model.get(k[len("model.") :]) != v
+    ]
+    if wrong:
+        raise ValueError(
+            f"profile {p.name}: teacher_from={source['name']!r} has another architecture: {wrong}"
+        )
+    dest = os.path.join(run_dir, "teacher", "export")
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(shipped.model_dir(source["name"]), tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    print(f"[study] teacher: the shipped {source['name']} ({manifest['params_sha256'][:12]}...) -> {dest}")
+
+
 def make_report_action(command: str):
     def write_report(run_dir: str, plan: plan_lib.Plan) -> None:
         report.write(run_dir, plan, command)
@@ -191,7 +227,11 @@ def main(
     run = runner.Runner(
         run_dir,
         planner,
-        {"pick_winner": pick_winner, "report": make_report_action(command)},
+        {
+            "pick_winner": pick_winner,
+            "use_shipped_teacher": use_shipped_teacher,
+            "report": make_report_action(command),
+        },
         groups=groups,
         env=environment(profile, run_dir, env),
         max_parallel=max_parallel or profile.max_parallel,

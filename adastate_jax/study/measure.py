@@ -149,6 +149,16 @@ def _traj_probe(stage: Stage, root: str, env: dict, cpu_time: bool, batches: int
     return _traj_numbers(log_file, wall, clips, batch, cpu if cpu_time else None)
 
 
+def _prepare_action(plan: Plan, stage: Stage, root: str) -> None:
+    """Run an in-process stage the probes after it need (`use_shipped_teacher`) in `root`."""
+    from adastate_jax import study
+
+    for rel, text in stage.files:
+        os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+        files.write_text_atomic(os.path.join(root, rel), text)
+    {"use_shipped_teacher": study.use_shipped_teacher}[stage.action](root, plan)
+
+
 def measure(
     profile: plan_lib.Profile,
     out: str,
@@ -202,6 +212,10 @@ def measure(
     for stage_name, key in TRAIN_PROBES + (MORE_PROBES if every_arm else ()):
         if stage_name not in plan.names and stage_name.format(s=seed) not in plan.names:
             continue  # e.g. no teacher_tf, or no traj stage (ODE on the fly)
+        if plan.stage(stage_name.format(s=seed)).action:  # a shipped teacher: copied, not trained
+            _prepare_action(plan, plan.stage(stage_name.format(s=seed)), root)
+            numbers[key] = 0.0
+            continue
         got = traj(key) if key == "traj_clip" else train(stage_name, key)
         numbers[key] = round(got["step"], 3)
     again = train(TRAIN_PROBES[3][0], "dmd_window", seed_override=seed + 1, tag="_again")
@@ -341,20 +355,41 @@ def estimate_seconds(plan: Plan) -> dict:
     for s in plan.stages:
         per_group[s.group] = per_group.get(s.group, 0.0) + per_stage[s.name]
     work = sum(per_stage.values())
-    total = makespan(plan, per_stage, p.max_parallel)
+    total = makespan(plan, per_stage, p.max_parallel, p.cores, p.alone_speedup)
     return dict(per_stage=per_stage, per_group=per_group, work=work, total=total, max_parallel=p.max_parallel)
 
 
-def makespan(plan: Plan, seconds: Mapping[str, float], workers: int) -> float:
-    """Wall time of the plan when its stages run as `study.runner.Runner` runs them: in plan order,
-    a stage once its dependencies are done, up to `workers` at once (pending stages included, as
-    they will run once the ablation decides)."""
-    import heapq
+def makespan(
+    plan: Plan, seconds: Mapping[str, float], workers: int, cores: int = 0, alone: float = 1.0
+) -> float:
+    """Wall time of the plan when its stages run as `study.runner.Runner` runs them: whenever fewer
+    than `workers` run, the first stages in plan order whose dependencies are done start (pending
+    stages included, as they will run once the ablation decides).
 
-    end: dict[str, float] = {}
-    free = [0.0] * max(1, workers)
-    for s in plan.stages:  # plan order is a topological order (a stage's deps come first)
-        t0 = max([heapq.heappop(free), *(end[d] for d in s.deps)])
-        end[s.name] = t0 + seconds[s.name]
-        heapq.heappush(free, end[s.name])
-    return max(end.values(), default=0.0)
+    cores=0: every stage takes its `seconds` whatever runs beside it (one accelerator that small
+    models do not fill). cores>0: `seconds` are CPU seconds and the running stages share `cores`,
+    each progressing at min(alone, cores / running) CPU seconds per second (`alone`: how many cores
+    one stage uses when it runs by itself)."""
+    left = {s.name: float(seconds[s.name]) for s in plan.stages}
+    deps = {s.name: tuple(s.deps) for s in plan.stages}
+    queue = [s.name for s in plan.stages]  # plan order is a topological order
+    running: list[str] = []
+    finished: set[str] = set()
+    t = 0.0
+    while queue or running:
+        for name in [n for n in queue if all(d in finished for d in deps[n])]:
+            if len(running) >= max(1, workers):
+                break
+            running.append(name)
+            queue.remove(name)
+        if not running:
+            raise ValueError(f"stage {queue[0]} waits for a dependency that never runs: {deps[queue[0]]}")
+        rate = min(alone, cores / len(running)) if cores else 1.0
+        dt = min(left[n] for n in running) / rate
+        t += dt
+        for n in list(running):
+            left[n] -= dt * rate
+            if left[n] <= 1e-9:
+                running.remove(n)
+                finished.add(n)
+    return t

@@ -243,27 +243,24 @@ def _dmd_pairs(p: Profile, arm: Arm, steps_total: int, seed: int, init_from: str
     ]
 
 
-def build(
-    p: Profile,
-    train_seeds: Sequence[int] | None = None,
-    winner: str | None = None,
-) -> Plan:
-    """The stages of profile `p` (training seeds `train_seeds`, default the profile's). `winner`:
-    the ablation's winning variant once known (the main adastate arms wait for it)."""
-    seeds = tuple(train_seeds if train_seeds is not None else p.train_seeds)
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ValueError(f"--train_seeds={list(seeds)}: give distinct integers >= 0")
-    if winner is not None and winner not in VARIANT_BY_NAME:
-        raise ValueError(f"ablation winner {winner!r} is not a variant of {list(VARIANT_BY_NAME)}")
-    stages: dict[str, Stage] = {}
-    notes: list[str] = []
-    half = p.dmd_steps // 2
+def shipped_teacher_source(p: Profile) -> str:
+    """The `teacher/source.json` of a profile with `teacher_from`: the shipped model's name and the
+    params fingerprint its manifest records (a re-shipped teacher changes the stage's fingerprint,
+    so everything after it runs again). Raises naming the profile when the model is not shipped."""
+    import json
 
-    def add(stage: Stage) -> Stage:
-        stages.setdefault(stage.name, stage)
-        return stages[stage.name]
+    from adastate_jax import shipped
 
-    # --- teacher, its optional teacher-forcing fine-tune, and its within-clip check -----------
+    try:
+        manifest = shipped.read_manifest(p.teacher_from)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"profile {p.name}: teacher_from={p.teacher_from!r}: {e}") from None
+    return json.dumps(dict(name=p.teacher_from, params_sha256=manifest["params_sha256"]), indent=1)
+
+
+def _trained_teacher(p: Profile, add) -> str:
+    """The teacher's training stages (diffusion forcing, then its optional teacher-forcing
+    fine-tune). -> the stage whose export is the teacher"""
     teacher_pairs = [
         *_common(p, p.teacher_frames),
         ("train.attention", "diffusion_forcing" if p.teacher_tf_steps else p.teacher_attention),
@@ -305,6 +302,44 @@ def build(
             )
         )
         teacher = "teacher_tf"
+    return teacher
+
+
+def build(
+    p: Profile,
+    train_seeds: Sequence[int] | None = None,
+    winner: str | None = None,
+) -> Plan:
+    """The stages of profile `p` (training seeds `train_seeds`, default the profile's). `winner`:
+    the ablation's winning variant once known (the main adastate arms wait for it)."""
+    seeds = tuple(train_seeds if train_seeds is not None else p.train_seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--train_seeds={list(seeds)}: give distinct integers >= 0")
+    if winner is not None and winner not in VARIANT_BY_NAME:
+        raise ValueError(f"ablation winner {winner!r} is not a variant of {list(VARIANT_BY_NAME)}")
+    stages: dict[str, Stage] = {}
+    notes: list[str] = []
+    half = p.dmd_steps // 2
+
+    def add(stage: Stage) -> Stage:
+        stages.setdefault(stage.name, stage)
+        return stages[stage.name]
+
+    # --- teacher (trained, or a shipped one), its optional fine-tune, its within-clip check ----
+    if p.teacher_from:
+        add(
+            Stage(
+                "teacher",
+                "teacher",
+                "teacher",
+                "teacher/export/info.json",
+                action="use_shipped_teacher",
+                files=(("teacher/source.json", shipped_teacher_source(p)),),
+            )
+        )
+        teacher = "teacher"
+    else:
+        teacher = _trained_teacher(p, add)
     teacher_export = f"{teacher}/export"
     check_spec = models_spec(
         # the teacher streams its own clip as it was trained: every frame, absolute time

@@ -69,6 +69,10 @@ class Profile:
     # teacher for less per step (the shipped PanWorld teacher trained on 9 frames follows the
     # prompts over 21, assets/study/teacher_search.md); the teacher check is always at clip_frames
     teacher_clip_frames: int = 0
+    # a shipped model (`checkpoints/panworld/<name>/`, `adastate_jax.shipped`) used as the teacher
+    # instead of training one: the `teacher` stage copies it (every file's sha256 checked) and the
+    # teacher check still measures it; `model` must be its architecture. '' = train the teacher
+    teacher_from: str = ""
     ode_overrides: tuple[tuple[str, object], ...] = ()
     dmd_overrides: tuple[tuple[str, object], ...] = ()
     baseline_alpha: float = 2.0  # horizon weight of the arms without their own alpha
@@ -87,6 +91,11 @@ class Profile:
     showcase_seed: int = 0
     ckpt_every: int = 50
     max_parallel: int = 1  # stages run at once (one accelerator shared by small models)
+    # CPU profiles: step_seconds are CPU seconds, and the stages running at once share `cores`;
+    # one stage alone uses `alone_speedup` of them (`measure.makespan`). 0: one accelerator that
+    # the stages' small models do not fill (each stage takes its time whatever runs beside it)
+    cores: int = 0
+    alone_speedup: float = 1.0
     env: tuple[tuple[str, str], ...] = ()  # the commands' environment (added to os.environ)
 
     def __post_init__(self):
@@ -96,6 +105,12 @@ class Profile:
             raise ValueError(
                 f"profile {self.name}: traj_clips={self.traj_clips} must be 0 (on the fly) or at least "
                 f"ode_batch={self.ode_batch}"
+            )
+        if (self.teacher_steps > 0) == bool(self.teacher_from):
+            raise ValueError(
+                f"profile {self.name}: give teacher_steps > 0 (train the teacher) or teacher_from (a "
+                f"shipped one), not both or neither (teacher_steps={self.teacher_steps}, "
+                f"teacher_from={self.teacher_from!r})"
             )
         if self.teacher_clip_frames < 0 or self.teacher_clip_frames % CHUNK_FRAMES:
             raise ValueError(
@@ -207,59 +222,41 @@ _register(
 
 
 # The committed study on this project's 2-core CPU machine (<= 2.5 h by `--dry_run`'s estimate).
-# Model: configs/panworld.py's one-token-per-latent-pixel DiT (64 tokens per frame), narrowed to
-# dim 64 (2 heads of 32), 2 layers (0.18M parameters): 1344 tokens per 21-frame clip.
-# Step times (seconds on this machine, one process at a time). PROVISIONAL: this session's own
-# probes (`--measure`) were starved of CPU by the test suite running beside them (a niced probe
-# got 0-30% of a core: the teacher probe took 545 s of wall time for 6 steps), so the numbers are
-# scaled from this machine's recorded measurements, not measured at this size:
-# - README "Training" table (dim 128, 2 layers, 9-frame clips, batch 8, an idle machine): teacher
-#   0.53 s/step, teacher_tf 0.96, ODE on the fly 2.4, DMD 2.2 (100 steps in 4-5 min incl. a
-#   36-62 s compile), adastate DMD 5-9 min per 100 steps (x1.6);
-# - assets/study/teacher_search.md: the same DiT on 21-frame clips costs ~3x the 1.6 CPU-s/step
-#   of the 16-token dim-256 DiT (~4.8 s/step, diffusion forcing, batch 8);
-# - assets/panworld_models/results.json: evaluating 4 models x 3 seeds x 42 chunks (8 prompts per
-#   batch, instrumented, dim 128) took 232 s, 0.46 s per model-seed-chunk with its compiles.
-# Scaling: dim 64 halves the attention and quarters the linear layers (x0.45); teacher forcing
-# doubles the sequence (x2.5 at 21 frames); batch 4 halves ODE/DMD; a 7-chunk DMD rollout ~x2.3 of
-# 3 chunks. MEASURED since (`python launch/study.py --profile=cpu --out=runs/measure_cpu --measure`,
-# CPU seconds, 2 cores, a TPU compile beside it): teacher 2.41 s/step (compile 39 s), teacher_tf
-# 5.11 (53 s), ODE 5.11 (55 s), DMD window 8.36 / 8.71 (compile 124 s; 23 s from the cache),
-# DMD adastate 9.23 (139 s), process start 25-45 s; the evaluation probe did not run. With them
-# the profile as sized here does NOT fit 2.5 h (see `--dry_run`): shrink it before launching.
-# The ODE init now follows the recipe that works (README "Training"): the `traj` stage stores the
-# teacher's trajectories once, solved chunk by chunk in its teacher-forcing layout (whole-clip ones
-# are not PanWorld videos, training/objectives/ode_init.py), and the ODE stage trains on them
-# (`ode,stored`: one student forward + backward per step, no teacher). The ODE figure above (5.1)
-# was a step that solved whole-clip trajectories on the fly; it is not what runs now. MEASURED for
-# the stored recipe (2026-12-02, this machine: `study.measure`'s traj and ODE probes run from a
-# scratch script after a 2-step teacher of this size, not a full `--measure`; CPU seconds, ~one
-# core's worth with other jobs on the 2 cores, so provisional): 11.0 s per stored clip (the second
-# batch of 8; its first, compiling batch 106 s of wall time: compile ~17 s), ODE on them 1.39
-# s/step (batch 4, compile 38 s). For scale: 768 clips of the 9-frame dim-128 recipe took 27 min
-# (0.47 clips/s, ~2.1 s/clip wall, README "Training"): at 21 frames a clip has 7 chunks instead
-# of 3 and each teacher pass sees 42 frames instead of 18. 128 clips: ~2 passes of the ODE init's
-# 60 x 4 clips.
-# SIZED (2026-12-02) to issue 10's 2.5 h: one stage at a time the profile took 3.98 h of stage time
-# (DMD 109 min: 21 runs of 30 steps, ~40% of it process start and compiles). Now two stages run at
-# once (`max_parallel=2`: the step times above are CPU seconds, so two processes on the two cores
-# each run at about those rates; the estimate is the schedule's makespan), 64 stored clips instead
-# of 128 (the ODE init's 60 x 4 clips cycle ~4 times over them), and 24 DMD steps instead of 30:
-# estimate 2.47 h. The teacher's budget (500 + 200 steps) is kept: the study means nothing if the
-# teacher fails issue 10's bar.
+# The teacher: the SHIPPED PanWorld teacher (`checkpoints/panworld/teacher`, dim 128, 4 heads, 2
+# layers, 0.55M parameters; diffusion forcing 1800 + teacher-forcing fine-tune 700 steps on 9-frame
+# clips by `launch/panworld_models.sh`), which meets issue 10's bar over its 21-frame clip
+# (assets/study/teacher_check/: progression 0.83 [0.79, 0.87], return 0, code confidence 0.94).
+# The study's `teacher_check` stage measures it again. Why not a teacher trained inside the
+# profile: the first version of this profile trained a dim-64 teacher (500 + 200 steps on
+# 21-frame clips, 23 min) and a dim-64 teacher with the shipped recipe (9-frame clips, 1800 + 700
+# steps, 22 min) was tried after it: both fail the bar by far (code confidence 0.11 and 0.22: no
+# valid PanWorld views; assets/study/teacher_cpu/); width mattered, and a dim-128 teacher costs
+# ~45 min of the 2.5 h. So the students are dim 128 too (they start from the teacher).
+# Step times: CPU seconds (two stages at once each get one core; a stage alone uses ~1.9 cores,
+# `alone_speedup`, measured on the teacher stages: 0.71 CPU-s and 0.375 wall-s per step, and 1.64 /
+# 0.86 for the fine-tune). MEASURED at dim 128 (2026-12-02, this machine, alone): a DMD `window`
+# step on 21-frame clips at batch 4, teacher and critic scoring in teacher forcing: 10.0 s of wall
+# (-> 19 CPU-s), its compile 78 s. SCALED from the dim-64 measurements above by that DMD ratio
+# (x2.2, not measured at dim 128): a stored trajectory clip 24 CPU-s, an ODE step 3.1, the adastate
+# DMD step x1.1 of the window one (as at dim 64). Evaluation: 0.76 CPU-s per model-seed-chunk (the
+# shipped students' evaluation at dim 128: 6 models x 3 seeds x 42 chunks in 304 s of wall, alone).
+# Budgets sized to the estimate: 64 stored clips (the ODE init's 200 x 4 clips cycle ~12 times over
+# them), 200 ODE steps, 16 DMD steps per arm (the adastate arms: 8 of the window student's + 8 of
+# their own). A small budget: the study can only show what 16 DMD steps make of a shared ODE init.
 _register(
     Profile(
         name="cpu",
-        summary="2-core CPU: a 2-layer dim-64 DiT (64 tokens per frame), 21-frame clips, 3 training seeds",
-        model=_pairs({"model.dim": 64, "model.num_heads": 2, "model.num_layers": 2, "model.ffn_dim": 256}),
+        summary="2-core CPU: the shipped dim-128 PanWorld teacher, 2-layer dim-128 students, 21-frame clips, "
+        "3 training seeds, 16 DMD steps per arm",
+        model=_pairs({"model.dim": 128, "model.num_heads": 4, "model.num_layers": 2, "model.ffn_dim": 256}),
         clip_frames=21,
-        teacher_steps=500,
-        teacher_tf_steps=200,
+        teacher_from="teacher",
+        teacher_steps=0,
         teacher_batch=8,
         traj_clips=64,
-        ode_steps=60,
+        ode_steps=200,
         ode_batch=4,
-        dmd_steps=24,
+        dmd_steps=16,
         dmd_batch=4,
         train_seeds=(0, 1, 2),
         eval_seeds=(0, 1, 2, 3),
@@ -267,18 +264,19 @@ _register(
         teacher_check_seeds=(0, 1),
         bootstrap=1000,
         max_parallel=2,
+        cores=2,
+        alone_speedup=1.9,
         step_seconds=_pairs(
             {
-                "teacher": 2.4,
-                "teacher_tf": 5.1,
-                "traj_clip": 11.0,  # measured, provisional (above)
-                "compile_traj": 17.0,
-                "ode": 1.4,  # on the stored trajectories: measured, provisional (above)
-                "dmd": 8.5,
-                "dmd_adastate": 9.2,
-                "eval_chunk": 0.4,  # not measured (the measuring run stopped before it)
-                "rollout_chunk": 0.4,
-                "compile": 50.0,
+                "teacher": 0.0,  # the shipped teacher: no teacher training
+                "traj_clip": 24.0,
+                "compile_traj": 30.0,
+                "ode": 3.1,
+                "dmd": 19.0,
+                "dmd_adastate": 21.0,
+                "eval_chunk": 0.76,
+                "rollout_chunk": 0.76,
+                "compile": 60.0,
                 "compile_dmd": 135.0,
                 "compile_cached": 23.0,
                 "process": 35.0,

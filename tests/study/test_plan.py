@@ -127,7 +127,8 @@ def test_the_estimate_counts_the_stored_trajectories():
     assert est["per_stage"]["traj"] == pytest.approx(want) and est["per_group"]["traj"] == pytest.approx(want)
     more = dataclasses.replace(p, traj_clips=2 * p.traj_clips)
     more_est = measure.estimate_seconds(plan_lib.build(more))
-    assert more_est["total"] - est["total"] == pytest.approx(p.traj_clips * sec["traj_clip"])
+    assert more_est["work"] - est["work"] == pytest.approx(p.traj_clips * sec["traj_clip"])
+    assert more_est["total"] > est["total"]  # on the critical path (shared cores: not 1:1)
 
 
 @pytest.mark.parametrize("name", ["toy", "cpu"])
@@ -211,7 +212,13 @@ def test_the_teacher_trains_on_its_own_clip_length_and_is_checked_on_the_student
     check, the trajectories, the ODE init and every arm stay on the profile's training clip."""
     import dataclasses
 
-    p = dataclasses.replace(profiles.profile("cpu"), teacher_clip_frames=9)
+    p = dataclasses.replace(
+        profiles.profile("cpu"),
+        teacher_from="",
+        teacher_steps=500,
+        teacher_tf_steps=200,
+        teacher_clip_frames=9,
+    )
     plan = plan_lib.build(p, winner="bptt_window")
 
     def frames(stage):
@@ -231,3 +238,62 @@ def test_the_teacher_trains_on_its_own_clip_length_and_is_checked_on_the_student
     )
     with pytest.raises(ValueError, match="teacher_clip_frames=8"):
         dataclasses.replace(p, teacher_clip_frames=8)
+
+
+def test_makespan_shares_the_cores_between_the_running_stages():
+    from adastate_jax.study import measure
+
+    def plan_of(*stages):
+        return plan_lib.Plan(profiles.profile("toy"), (0,), None, (), tuple(stages), (), (), ())
+
+    def stage(name, deps=()):
+        return plan_lib.Stage(name, "dmd", name, f"{name}/done", ("python",), deps=deps)
+
+    two = plan_of(stage("a"), stage("b"))
+    chain = plan_of(stage("a"), stage("b", deps=("a",)))
+    sec = {"a": 100.0, "b": 100.0}
+    # one accelerator the stages do not fill: each takes its own time
+    assert measure.makespan(two, sec, 2) == pytest.approx(100.0)
+    assert measure.makespan(two, sec, 1) == pytest.approx(200.0)
+    # two cores: two stages at once get one core each; one alone gets 1.9 of them
+    assert measure.makespan(two, sec, 2, cores=2, alone=1.9) == pytest.approx(100.0)
+    assert measure.makespan(chain, sec, 2, cores=2, alone=1.9) == pytest.approx(200.0 / 1.9)
+    uneven = {"a": 100.0, "b": 50.0}  # b finishes at 50 s, then a runs alone: 50 CPU-s at 1.9
+    assert measure.makespan(two, uneven, 2, cores=2, alone=1.9) == pytest.approx(50.0 + 50.0 / 1.9)
+    with pytest.raises(ValueError, match="stage b waits"):
+        measure.makespan(plan_of(stage("b", deps=("z",))), {"b": 1.0}, 1)
+
+
+def test_a_shipped_teacher_replaces_the_teacher_training_and_is_still_checked(tmp_path):
+    """`Profile.teacher_from`: one action stage copies the shipped teacher (files and architecture
+    checked); the teacher check, the trajectories and the DMD scores read that copy."""
+    import dataclasses
+    import json
+
+    from adastate_jax import shipped, study
+
+    model = (("model.dim", 128), ("model.num_heads", 4), ("model.num_layers", 2), ("model.ffn_dim", 256))
+    p = dataclasses.replace(profiles.profile("cpu"), teacher_from="teacher", model=model)
+    plan = plan_lib.build(p, winner="bptt_window")
+    names = [s.name for s in plan.stages]
+    assert "teacher_tf" not in names and plan.stage("teacher").action == "use_shipped_teacher"
+    source = json.loads(dict(plan.stage("teacher").files)["teacher/source.json"])
+    assert source == {"name": "teacher", "params_sha256": shipped.read_manifest("teacher")["params_sha256"]}
+    assert plan.stage("teacher_check").deps == ("teacher",)
+    assert "--config.train.teacher_path=teacher/export" in plan.stage("traj").argv
+    assert all(
+        "--config.train.teacher_path=teacher/export" in s.argv for s in plan.stages if s.group == "dmd"
+    )
+
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "source.json").write_text(source and json.dumps(source))
+    study.use_shipped_teacher(str(tmp_path), plan)
+    assert (
+        shipped.file_table(str(tmp_path / "teacher" / "export")) == shipped.read_manifest("teacher")["files"]
+    )
+
+    narrow = plan_lib.build(dataclasses.replace(p, model=(("model.dim", 64),)), winner="bptt_window")
+    with pytest.raises(ValueError, match="another architecture.*model.dim: profile 64, shipped 128"):
+        study.use_shipped_teacher(str(tmp_path), narrow)
+    with pytest.raises(ValueError, match="teacher_from='nobody'"):
+        plan_lib.build(dataclasses.replace(p, teacher_from="nobody"))
