@@ -258,6 +258,11 @@ def shipped_teacher_source(p: Profile) -> str:
     return json.dumps(dict(name=p.teacher_from, params_sha256=manifest["params_sha256"]), indent=1)
 
 
+def teacher_stage(**kw) -> Stage:
+    """The `teacher` stage: its export in `teacher/export` (trained, or a shipped one copied in)."""
+    return Stage("teacher", "teacher", "teacher", "teacher/export/info.json", **kw)
+
+
 def _trained_teacher(p: Profile, add) -> str:
     """The teacher's training stages (diffusion forcing, then its optional teacher-forcing
     fine-tune). -> the stage whose export is the teacher"""
@@ -270,16 +275,7 @@ def _trained_teacher(p: Profile, add) -> str:
         ("train.init_from", ""),
         ("train.ckpt_every", max(p.ckpt_every, p.teacher_steps // 10 or 1)),
     ]
-    add(
-        Stage(
-            "teacher",
-            "teacher",
-            "teacher",
-            "teacher/export/info.json",
-            _train_argv("teacher", "teacher", teacher_pairs),
-            expect_step=p.teacher_steps,
-        )
-    )
+    add(teacher_stage(argv=_train_argv("teacher", "teacher", teacher_pairs), expect_step=p.teacher_steps))
     teacher = "teacher"
     if p.teacher_tf_steps:
         tf_pairs = [
@@ -327,16 +323,8 @@ def build(
 
     # --- teacher (trained, or a shipped one), its optional fine-tune, its within-clip check ----
     if p.teacher_from:
-        add(
-            Stage(
-                "teacher",
-                "teacher",
-                "teacher",
-                "teacher/export/info.json",
-                action="use_shipped_teacher",
-                files=(("teacher/source.json", shipped_teacher_source(p)),),
-            )
-        )
+        source = shipped_teacher_source(p)
+        add(teacher_stage(action="use_shipped_teacher", files=(("teacher/source.json", source),)))
         teacher = "teacher"
     else:
         teacher = _trained_teacher(p, add)
