@@ -55,8 +55,10 @@ def _train_argv(variant: str, workdir: str, pairs) -> tuple[str, ...]:
     )
 
 
-def _eval_argv(p: Profile, variant: str, pairs, spec: str, out_dir: str, horizons, seeds, instrument: bool):
-    labels = ",".join(map(str, p.eval_labels))
+def _eval_argv(
+    p: Profile, variant: str, pairs, spec: str, out_dir: str, horizons, seeds, instrument: bool, labels=None
+):
+    labels = ",".join(map(str, p.eval_labels if labels is None else labels))
     return (
         PYTHON,
         f"{REPO}/launch/evaluate.py",

@@ -258,6 +258,17 @@ def shipped_teacher_source(p: Profile) -> str:
     return json.dumps(dict(name=p.teacher_from, params_sha256=manifest["params_sha256"]), indent=1)
 
 
+def pan_labels(p: Profile) -> tuple[int, ...]:
+    """The PanWorld labels issue 10's teacher bar is about ("pans: progression >= 0.8"): the pan
+    prompts among the profile's evaluation labels (static and back-and-forth have no progression
+    toward a direction: back-and-forth's net motion is ~0 by design)."""
+    from adastate_jax.data import panworld
+
+    prompts = panworld.camera_prompts()
+    labels = p.eval_labels or tuple(range(len(prompts)))
+    return tuple(label for label in labels if prompts[label].startswith("pan "))
+
+
 def teacher_stage(**kw) -> Stage:
     """The `teacher` stage: its export in `teacher/export` (trained, or a shipped one copied in)."""
     return Stage("teacher", "teacher", "teacher", "teacher/export/info.json", **kw)
@@ -351,6 +362,7 @@ def build(
                 (1,),
                 p.teacher_check_seeds,
                 False,
+                labels=pan_labels(p),
             ),
             deps=(teacher,),
             files=(("teacher_check/models.json", check_spec),),

@@ -261,7 +261,7 @@ _register(
         train_seeds=(0, 1, 2),
         eval_seeds=(0, 1, 2, 3),
         ablation_eval_seeds=(0, 1),
-        teacher_check_seeds=(0, 1),
+        teacher_check_seeds=(0, 1, 2, 3),  # x the 6 pan prompts: 24 videos, as assets/study/teacher_check/
         bootstrap=1000,
         max_parallel=2,
         cores=2,

@@ -549,7 +549,9 @@ def markdown(study: Mapping, plan: plan_lib.Plan, main_res: Mapping | None) -> s
     out += ["## The teacher inside its clip (issue 10 item 3)", ""]
     if t["row"]:
         out.append(
-            f"`full` cache, {p.teacher_check_sampler_steps}-step sampler, 1x ({p.clip_frames} frames): "
+            f"`full` cache, {p.teacher_check_sampler_steps}-step sampler, 1x ({p.clip_frames} frames), the "
+            f"pan prompts (labels {list(plan_lib.pan_labels(p))}) x {len(p.teacher_check_seeds)} sampling "
+            "seeds: "
             + ", ".join(
                 f"{m} {_fmt(t['row'].get(m))}" for m in ("progression", "return", "code_conf", "pull")
             )

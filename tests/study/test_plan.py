@@ -297,3 +297,18 @@ def test_a_shipped_teacher_replaces_the_teacher_training_and_is_still_checked(tm
         study.use_shipped_teacher(str(tmp_path), narrow)
     with pytest.raises(ValueError, match="teacher_from='nobody'"):
         plan_lib.build(dataclasses.replace(p, teacher_from="nobody"))
+
+
+def test_the_teacher_check_scores_the_pan_prompts():
+    """Issue 10's teacher bar is about pans: the check evaluates the pan prompts only (static and
+    back-and-forth have no progression toward a direction)."""
+    from adastate_jax.data import panworld
+
+    prompts = panworld.camera_prompts()
+    p = profiles.profile("cpu")
+    labels = plan_lib.pan_labels(p)
+    assert [prompts[label] for label in labels] == [t for t in prompts if t.startswith("pan ")]
+    assert len(labels) == 6
+    argv = plan_lib.build(p, winner="bptt_window").stage("teacher_check").argv
+    assert f"--labels={','.join(map(str, labels))}" in argv
+    assert plan_lib.pan_labels(profiles.profile("toy")) == (5,)  # within the profile's own labels
