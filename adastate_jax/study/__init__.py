@@ -178,6 +178,15 @@ def make_report_action(command: str):
     return write_report
 
 
+def actions(command: str = "") -> dict:
+    """The in-process stages (`Stage.action`) by name, for the runner and `measure`."""
+    return {
+        "pick_winner": pick_winner,
+        "use_shipped_teacher": use_shipped_teacher,
+        "report": make_report_action(command),
+    }
+
+
 def environment(profile: plan_lib.Profile, run_dir: str, base: dict | None = None) -> dict:
     """The commands' environment: `base` (default os.environ), the profile's variables, and a
     persistent compilation cache in the run directory (the seeds of an arm compile once)."""
@@ -227,11 +236,7 @@ def main(
     run = runner.Runner(
         run_dir,
         planner,
-        {
-            "pick_winner": pick_winner,
-            "use_shipped_teacher": use_shipped_teacher,
-            "report": make_report_action(command),
-        },
+        actions(command),
         groups=groups,
         env=environment(profile, run_dir, env),
         max_parallel=max_parallel or profile.max_parallel,

@@ -150,13 +150,12 @@ def _traj_probe(stage: Stage, root: str, env: dict, cpu_time: bool, batches: int
 
 
 def _prepare_action(plan: Plan, stage: Stage, root: str) -> None:
-    """Run an in-process stage the probes after it need (`use_shipped_teacher`) in `root`."""
+    """Run an in-process stage the probes after it need (`use_shipped_teacher`) in `root`, as the
+    runner would (its input files first)."""
     from adastate_jax import study
 
-    for rel, text in stage.files:
-        os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
-        files.write_text_atomic(os.path.join(root, rel), text)
-    {"use_shipped_teacher": study.use_shipped_teacher}[stage.action](root, plan)
+    runner.prepare(root, stage, "new", log=lambda *_: None)
+    study.actions()[stage.action](root, plan)
 
 
 def measure(

@@ -209,17 +209,27 @@ IMPLEMENTATION_CHECKS = (
 )
 
 
-def state_motion(run_dir: str, arm: str, pw: Mapping) -> dict | None:
-    """How much the decoded state of `arm`'s showcase rollout changes from chunk to chunk, next to
-    how much the video changes over the same chunks (mean absolute difference in [-1, 1] pixels):
-    a state the model never writes stays constant (ratio ~0). None when the rollout is missing."""
+def showcase_frames(run_dir: str, arm: str, pw: Mapping) -> tuple[np.ndarray, np.ndarray] | None:
+    """`arm`'s showcase rollout: (decoded state [chunks, H, W, 3], video [chunks * 3, H, W, 3]) in
+    [-1, 1] at PanWorld's size, or None when either file is missing."""
     state_mp4 = os.path.join(run_dir, "showcase", f"{arm}_state.mp4")
     video_mp4 = os.path.join(run_dir, "showcase", f"{arm}.mp4")
     if not (os.path.exists(state_mp4) and os.path.exists(video_mp4)):
         return None
     h, w = int(pw["frame_height"]), int(pw["frame_width"])
-    state = _frames(state_mp4, h, w)
-    vid = _frames(video_mp4, h, w)
+    return _frames(state_mp4, h, w), _frames(video_mp4, h, w)
+
+
+def state_motion(run_dir: str, arm: str, pw: Mapping) -> dict | None:
+    """How much the decoded state of `arm`'s showcase rollout changes from chunk to chunk, next to
+    how much the video changes over the same chunks (mean absolute difference in [-1, 1] pixels):
+    a state the model never writes stays constant (ratio ~0). None when the rollout is missing."""
+    frames = showcase_frames(run_dir, arm, pw)
+    return motion_of(arm, *frames) if frames else None
+
+
+def motion_of(arm: str, state: np.ndarray, vid: np.ndarray) -> dict | None:
+    """`state_motion` of frames already read (`showcase_frames`)."""
     per_chunk = max(1, vid.shape[0] // max(state.shape[0], 1))
     last = vid[per_chunk - 1 :: per_chunk][: state.shape[0]]  # each chunk's last frame
     if state.shape[0] < 2 or last.shape[0] < 2:
@@ -294,21 +304,14 @@ def side_by_side(run_dir: str, p: plan_lib.Profile, out: str, pw: Mapping) -> st
     return written[0]
 
 
-def state_strip(run_dir: str, arm: str, out_png: str, out_gif: str, pw: Mapping, columns: int = 14):
-    """The decoded adaptive state of the showcase rollout of `arm`: a strip of `columns` evenly
-    spaced chunks (png) and a gif of video and state side by side. -> (png, gif) or None."""
+def state_strip(state: np.ndarray, vid: np.ndarray, arm: str, out_png: str, out_gif: str, columns: int = 14):
+    """The decoded adaptive state of `arm`'s showcase rollout (`showcase_frames`): a strip of
+    `columns` evenly spaced chunks (png) and a gif of video and state side by side. -> (png, gif)"""
     import cv2
 
     from adastate_jax import video as video_lib
     from adastate_jax.eval import report as eval_report
 
-    state_mp4 = os.path.join(run_dir, "showcase", f"{arm}_state.mp4")
-    video_mp4 = os.path.join(run_dir, "showcase", f"{arm}.mp4")
-    if not (os.path.exists(state_mp4) and os.path.exists(video_mp4)):
-        return None
-    h, w = int(pw["frame_height"]), int(pw["frame_width"])
-    state = _frames(state_mp4, h, w)  # [chunks, H, W, 3]
-    vid = _frames(video_mp4, h, w)  # [chunks * 3, H, W, 3]
     picks = np.unique(np.linspace(0, state.shape[0] - 1, min(columns, state.shape[0])).round().astype(int))
     scale = 4
     tiles = []
@@ -420,27 +423,20 @@ def write(run_dir: str, plan: plan_lib.Plan, command: str = "") -> dict:
             copied.append(dst)
 
     # --- videos ------------------------------------------------------------------------------
-    videos = []
+    videos, motion = [], []
     pw = (main_res or {}).get("panworld")
     if pw:
         sbs = side_by_side(run_dir, p, os.path.join(out, SIDE_BY_SIDE + ".gif"), pw)
         if sbs:
             videos.append(os.path.basename(sbs))
         for arm in (a.name for a in plan_lib.ARMS if a.adastate):
-            got = state_strip(
-                run_dir,
-                arm,
-                os.path.join(out, f"{arm}_state_strip.png"),
-                os.path.join(out, f"{arm}_state.gif"),
-                pw,
-            )
-            if got:
-                videos += [os.path.basename(x) for x in got]
-    motion = (
-        [m for m in (state_motion(run_dir, a.name, pw) for a in plan_lib.ARMS if a.adastate) if m]
-        if pw
-        else []
-    )
+            frames = showcase_frames(run_dir, arm, pw)  # read once: the strip and the motion
+            if frames:
+                png, gif = os.path.join(out, f"{arm}_state_strip.png"), os.path.join(out, f"{arm}_state.gif")
+                videos += [os.path.basename(x) for x in state_strip(*frames, arm, png, gif)]
+                m = motion_of(arm, *frames)
+                if m:
+                    motion.append(m)
 
     # --- the JSON ----------------------------------------------------------------------------
     times = timings(run_dir, plan)
