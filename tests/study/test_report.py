@@ -59,3 +59,24 @@ def test_the_section_cites_the_tests_and_the_runs_numbers():
     assert "`adastate_a2` writes its state" in text and "ratio 0.50" in text
     assert "`sink` reads" not in text
     assert "have not run yet" in "\n".join(report.implementation_section([], []))
+
+
+def test_timings_sum_stage_seconds_and_span_the_wall_clock(tmp_path):
+    """Two stages side by side: the sum counts both, the span is what a user waited."""
+    from types import SimpleNamespace
+
+    from adastate_jax.study import runner
+
+    plan = SimpleNamespace(stages=[SimpleNamespace(name=n, group=g) for n, g in (("a", "x"), ("b/c", "y"))])
+    runner.write_record(
+        str(tmp_path), "a", dict(seconds=600.0, started="2026-12-02T10:00:00", finished="2026-12-02T10:10:00")
+    )
+    runner.write_record(
+        str(tmp_path),
+        "b/c",
+        dict(seconds_total=900.0, started="2026-12-02T10:05:00", finished="2026-12-02T10:20:00"),
+    )
+    t = report.timings(str(tmp_path), plan)
+    assert t["per_group"] == {"x": 600.0, "y": 900.0} and t["total"] == 1500.0
+    assert t["span"] == 1200.0
+    assert report.timings(str(tmp_path / "none"), plan)["span"] is None
