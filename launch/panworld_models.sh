@@ -55,7 +55,9 @@ for stage in "${STAGES[@]}"; do
     ode) train ode ode,stored --config.data.paths="('$RUN/ode_trajectories',)" --config.train.steps="$ODE_STEPS" \
       --config.train.init_from="$TEACHER" ;;
     dmd_window | dmd_sink | dmd_ema_sink | dmd_full) dmd "${stage#dmd_}" "$RUN/ode/export" "$DMD_STEPS" ;;
-    dmd_adastate) dmd adastate "$RUN/dmd_window/export" "$ADASTATE_STEPS" --config.train.init_policy=window ;;
+    # state_loss=none: the shipped adastate student was trained before the study made 'regress' the default
+    dmd_adastate) dmd adastate "$RUN/dmd_window/export" "$ADASTATE_STEPS" --config.train.init_policy=window \
+      --config.train.state_loss=none ;;
     eval)
       python - "$RUN" <<'PY'
 import json, os, sys

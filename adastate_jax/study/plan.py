@@ -527,6 +527,10 @@ def build(
             f"profile {p.name}: adastate_variant={fixed!r} is not a variant of {list(VARIANT_BY_NAME)}"
         )
     chosen = VARIANT_BY_NAME[fixed or winner or variants[0]]
+    # until the winner is known, `chosen` is a placeholder: whatever reads the main adastate models
+    # waits (a main arm's stage can be an ablation stage, done already, when its seed is the
+    # ablation's: without this, the evaluation or the showcase could run on the placeholder)
+    waiting = winner is None and not fixed
     if winner and winner not in variants:
         raise ValueError(f"ablation winner {winner!r} is not among this plan's variants {variants}")
     models = []
@@ -548,7 +552,7 @@ def build(
                 )
                 models.append(TrainedModel(arm.name, seed, name))
             elif arm.adastate:
-                st = adastate_stage(arm, chosen, seed, "dmd", winner is None and not fixed)
+                st = adastate_stage(arm, chosen, seed, "dmd", waiting)
                 models.append(TrainedModel(arm.name, seed, st.name, chosen.name))
             else:
                 name = f"dmd/{arm.name}_s{seed}"
@@ -576,6 +580,7 @@ def build(
             _eval_argv(p, "dmd", _common(p), "eval/models.json", "eval", p.horizons, p.eval_seeds, True),
             deps=tuple(dict.fromkeys(m.stage for m in models)),
             files=(("eval/models.json", spec),),
+            pending=waiting,
         )
     )
 
@@ -604,7 +609,17 @@ def build(
             *(["--show_state"] if arm.adastate else []),
         )
         name = f"showcase/{arm_name}"
-        add(Stage(name, "showcase", "showcase", f"showcase/{arm_name}.json", argv, deps=(model.stage,)))
+        add(
+            Stage(
+                name,
+                "showcase",
+                "showcase",
+                f"showcase/{arm_name}.json",
+                argv,
+                deps=(model.stage,),
+                pending=waiting and arm.adastate,
+            )
+        )
         showcase.append(name)
 
     add(

@@ -289,20 +289,25 @@ class Runner:
                     and all(is_done(d) for d in s.deps)
                 ]
                 if failure is None and self._stop_signal is None:
-                    acted = False
+                    # an action reads only its finished dependencies and takes seconds: it runs
+                    # first, beside the running processes (behind them it would wait for every
+                    # stage the scheduler keeps starting; the ablation's winner gates the adastate arms)
+                    action = next((s for s in ready if s.action), None)
+                    if action is not None:
+                        try:
+                            self._run_action(action, fps[action.name], states[action.name], plan)
+                        except StageFailed as e:
+                            failure = e  # the running stages finish (and are recorded) first
+                        else:
+                            done_now.add(action.name)
+                            continue  # rebuild the plan: an action may decide later stages
+                if failure is None and self._stop_signal is None:
                     for s in ready:
                         if s.action:
-                            if running:  # actions read finished results: wait for the processes
-                                continue
-                            self._run_action(s, fps[s.name], states[s.name], plan)
-                            done_now.add(s.name)
-                            acted = True
-                            break  # rebuild the plan: an action may decide later stages
+                            continue
                         if len(running) >= self.max_parallel:
                             break
                         running[s.name] = self._start(s, fps[s.name], states[s.name])
-                    if acted:
-                        continue
                 if not running:
                     if failure is not None:
                         raise failure

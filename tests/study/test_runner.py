@@ -136,3 +136,45 @@ def test_a_stage_that_owns_its_workdir_is_moved_aside_when_stale_and_kept_when_r
     (tmp_path / "x").mkdir()
     runner.prepare(str(tmp_path), plain, "stale", log=lambda m: None)
     assert (tmp_path / "x").is_dir()
+
+
+def test_an_action_runs_as_soon_as_its_dependencies_finish_beside_running_stages(tmp_path):
+    """`pick` needs only `a`: it runs while the slow stage `s` still runs (not after it), and a
+    failing action lets the running stage finish and be recorded before the run stops."""
+    slow = ("{python}", "-c", "import time; time.sleep(2); open('s.txt', 'w').write('s')")
+
+    def plan(action):
+        return plan_lib.Plan(
+            TOY,
+            (0,),
+            None,
+            (),
+            (
+                plan_lib.Stage("s", "dmd", "s", "s.txt", slow),
+                plan_lib.Stage("a", "ablation", "a", "a/out.txt", _write("a/out.txt", "a")),
+                plan_lib.Stage("pick", "ablation", "pick", "pick.txt", action=action, deps=("a",)),
+            ),
+            (),
+            (),
+            (),
+        )
+
+    seen = {}
+
+    def pick(run_dir, p):
+        seen["slow_done"] = os.path.exists(os.path.join(run_dir, "s.txt"))
+        open(os.path.join(run_dir, "pick.txt"), "w").write("w")
+
+    def broken(run_dir, p):
+        raise RuntimeError("no winner")
+
+    kw = dict(log=lambda m: None, poll_s=0.02, max_parallel=2)
+    r = runner.Runner(str(tmp_path / "ok"), lambda: plan("pick"), {"pick": pick}, **kw)
+    r.run()
+    assert seen == {"slow_done": False} and set(r.ran) == {"s", "a", "pick"}
+
+    r = runner.Runner(str(tmp_path / "bad"), lambda: plan("broken"), {"broken": broken}, **kw)
+    with pytest.raises(runner.StageFailed, match="no winner"):
+        r.run()
+    assert runner.read_record(str(tmp_path / "bad"), "s")["status"] == "done"
+    assert runner.read_record(str(tmp_path / "bad"), "pick")["status"] == "failed"

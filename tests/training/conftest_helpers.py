@@ -32,6 +32,8 @@ def panworld_config(arg="teacher", **train):
     cfg.sampler.denoising_steps = SMALL_STEPS
     for k, v in train.items():
         cfg.train[k] = v
+    if train.get("init_from") == "" and "init_policy" not in train:
+        cfg.train.init_policy = ""  # a student from scratch has no init policy to check
     return cfg
 
 

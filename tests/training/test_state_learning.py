@@ -229,7 +229,7 @@ def test_adastate_dmd_starts_bitwise_from_a_window_export_and_records_it(tmp_pat
 
     window = base.copy_and_resolve_references()
     window.stream.anchor = "window"
-    window.train.update(init_from=ode, teacher_path=teacher)
+    window.train.update(init_from=ode, teacher_path=teacher, state_loss="none")  # a window student: no state
     loop.train(window, str(tmp_path / "window"), mesh=one_device_mesh())
     window_export = str(tmp_path / "window" / "export")
     info_w = checkpoint_io.read_info(window_export)
