@@ -94,10 +94,12 @@ def get_config(arg=None):
         tc.init_from = "outputs/panworld_ode/export"
         tc.teacher_path = teacher
     config = defaults.apply_variants(config, rest)
-    if stage == "dmd" and config.stream.anchor == "adastate":
-        # how the state learns, by the AdaState study's ablation (issue 10 item 2; its winner,
-        # assets/study/README.md): DMD from the trained `window` student (the paper's path) with
-        # the state regressed toward its chunk's content (`train.state_loss`, training/objectives/dmd.py)
+    if stage == "dmd" and "adastate" in rest and config.stream.anchor == "adastate":
+        # `dmd,adastate` (the variant named; plain `dmd` keeps the ODE init and no state term, so
+        # a config derived from it by setting another stream.anchor stays valid): how the state
+        # learns, by the AdaState study's ablation (issue 10 item 2; its winner, assets/study/README.md):
+        # DMD from the trained `window` student (the paper's path) with the state regressed toward
+        # its chunk's content (`train.state_loss`, training/objectives/dmd.py)
         tc.init_from, tc.init_policy = "outputs/panworld_dmd_window/export", "window"
         tc.state_loss = "regress"
     return config

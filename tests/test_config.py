@@ -109,16 +109,20 @@ def test_panworld_stages_select_objectives():
 
 def test_panworld_adastate_dmd_defaults_to_the_study_ablation_winner():
     """`dmd,adastate` starts from the window student with state regression (the study's winner);
-    every other policy keeps the ODE init and no state term (it has no state)."""
+    every other policy, and plain `dmd`, keeps the ODE init and no state term."""
     ada = config_lib.parse(load("panworld.py", "dmd,adastate")).train
     assert (ada.init_from, ada.init_policy, ada.state_loss) == (
         "outputs/panworld_dmd_window/export",
         "window",
         "regress",
     )
-    for policy in ("window", "sink", "ema_sink", "full"):
-        tc = config_lib.parse(load("panworld.py", f"dmd,{policy}")).train
+    for variant in ("dmd,window", "dmd,sink", "dmd,ema_sink", "dmd,full", "dmd"):
+        tc = config_lib.parse(load("panworld.py", variant)).train
         assert (tc.init_from, tc.init_policy, tc.state_loss) == ("outputs/panworld_ode/export", "", "none")
+    # plain `dmd` (anchor adastate by default) turned into another policy stays valid
+    cfg = load("panworld.py", "dmd")
+    cfg.stream.anchor = "sink"
+    assert config_lib.parse(cfg).train.state_loss == "none"
 
 
 def test_unknown_config_arg_is_rejected_with_the_closest_variant():
