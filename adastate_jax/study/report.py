@@ -94,8 +94,12 @@ def table(rows: Sequence[Mapping], metrics: Sequence[str] = KEY_METRICS, seed_ro
 
 
 def pooled(rows: Sequence[Mapping]) -> list[dict]:
-    """The rows that pool every training seed of their arm (or its only one)."""
-    return [r for r in rows if r["train_seed"] == decide.ALL_SEEDS or len(r.get("train_seeds", [None])) <= 1]
+    """Per arm and horizon, the row that pools its training seeds, or its only row when it has no
+    pooled one (one training seed, a reference row)."""
+    has_pooled = {(r["arm"], r["horizon"]) for r in rows if r["train_seed"] == decide.ALL_SEEDS}
+    return [
+        r for r in rows if r["train_seed"] == decide.ALL_SEEDS or (r["arm"], r["horizon"]) not in has_pooled
+    ]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -80,3 +80,16 @@ def test_timings_sum_stage_seconds_and_span_the_wall_clock(tmp_path):
     assert t["per_group"] == {"x": 600.0, "y": 900.0} and t["total"] == 1500.0
     assert t["span"] == 1200.0
     assert report.timings(str(tmp_path / "none"), plan)["span"] is None
+
+
+def test_the_main_table_keeps_the_pooled_row_of_a_multi_seed_arm_and_the_only_row_of_the_others():
+    rows = [dict(arm="window", horizon=4, train_seed=s, train_seeds=[s]) for s in (0, 1)] + [
+        dict(arm="window", horizon=4, train_seed="all", train_seeds=[0, 1]),
+        dict(arm="sink", horizon=4, train_seed=0, train_seeds=[0]),
+        dict(arm="frozen", horizon=4, train_seed="-"),
+    ]
+    assert [(r["arm"], r["train_seed"]) for r in report.pooled(rows)] == [
+        ("window", "all"),
+        ("sink", 0),
+        ("frozen", "-"),
+    ]
