@@ -301,13 +301,9 @@ class Runner:
                         else:
                             done_now.add(action.name)
                             continue  # rebuild the plan: an action may decide later stages
-                if failure is None and self._stop_signal is None:
-                    for s in ready:
-                        if s.action:
-                            continue
-                        if len(running) >= self.max_parallel:
-                            break
-                        running[s.name] = self._start(s, fps[s.name], states[s.name])
+                    else:  # no action is ready: start processes
+                        for s in ready[: max(0, self.max_parallel - len(running))]:
+                            running[s.name] = self._start(s, fps[s.name], states[s.name])
                 if not running:
                     if failure is not None:
                         raise failure
