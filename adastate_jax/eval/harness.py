@@ -31,7 +31,6 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
 from tqdm import tqdm
 
 from adastate_jax.data import panworld
@@ -507,6 +506,8 @@ def bootstrap_ci(values, resamples: int, seed: int = 0, confidence: float = CONF
         return dict(mean=float("nan"), lo=float("nan"), hi=float("nan"), n=0)
     if v.size == 1 or resamples <= 0:
         return dict(mean=float(v.mean()), lo=float("nan"), hi=float("nan"), n=int(v.size))
+    from scipy import stats  # here: scipy.stats takes ~1 s to import, and streaming never needs it
+
     res = stats.bootstrap(
         (v,),
         np.mean,
