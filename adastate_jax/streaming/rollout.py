@@ -89,6 +89,13 @@ class Streamer:
     sampler_cfg: SamplerConfig = SamplerConfig()
     decoder: Decoder | None = None
     instrument: bool = False  # return attention share per key frame (reference attention path)
+    # XLA options for the programs `jit_step` / `jit_rollout` / `jit_segment` compile (`jax.jit`'s
+    # compiler_options, as (name, value) pairs; a dict is accepted): e.g. a backend's debug option
+    compiler_options: tuple = ()
+
+    def __post_init__(self):
+        opts = self.compiler_options
+        object.__setattr__(self, "compiler_options", tuple(sorted(dict(opts or ()).items())))
 
     # ------------------------------------------------------------------------------------
     # set-up
@@ -437,12 +444,15 @@ class Streamer:
             carry, outs = self.rollout(params, carry, ids, prompts, negative, decoder_params)
             return carry, jax.tree.map(lambda x: x[0], outs)
 
-        return jax.jit(f, donate_argnums=(1,))
+        return self._jit(f)
+
+    def _jit(self, fn):
+        return jax.jit(fn, donate_argnums=(1,), compiler_options=dict(self.compiler_options) or None)
 
     @functools.cached_property
     def jit_rollout(self):
         """Jitted `rollout`, carry donated: (params, carry, prompt_ids, prompts, negative, decoder_params)."""
-        return jax.jit(self.rollout, donate_argnums=(1,))
+        return self._jit(self.rollout)
 
     def stream(
         self, params, carry: Carry, prompt_ids: Iterable[int], prompts, negative=None, decoder_params=None
@@ -491,7 +501,7 @@ class Streamer:
     def jit_segment(self):
         """Jitted `segment`, carry donated: (params, carry, prompt_ids [K], num_live, prompts,
         negative, decoder_params). One compilation per segment length K."""
-        return jax.jit(self.segment, donate_argnums=(1,))
+        return self._jit(self.segment)
 
     def rollout_segments(
         self,

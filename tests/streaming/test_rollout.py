@@ -15,7 +15,7 @@ from adastate_jax.streaming.anchors import StreamConfig
 from adastate_jax.streaming.cache import carry_shardings
 from adastate_jax.streaming.rollout import Streamer, attention_shares, prompt_schedule
 from adastate_jax.streaming.sampler import SamplerConfig
-from tests.subproc import TOLERANT_COMPILE
+from tests.subproc import TOLERANT_COMPILE, USER_NUMERICS
 
 LAT = 4  # latent 4x4 -> 4 tokens per frame: fast
 
@@ -32,7 +32,9 @@ def _streamer(model, **kw):
     cfg, graphdef, _, _ = model
     smp = kw.pop("sampler", SamplerConfig())
     inst = kw.pop("instrument", False)
-    return Streamer(graphdef, cfg, StreamConfig(latent_h=LAT, latent_w=LAT, **kw), smp, instrument=inst)
+    opts = kw.pop("compiler_options", ())
+    sc = StreamConfig(latent_h=LAT, latent_w=LAT, **kw)
+    return Streamer(graphdef, cfg, sc, smp, instrument=inst, compiler_options=opts)
 
 
 @pytest.mark.parametrize(
@@ -46,7 +48,7 @@ def _streamer(model, **kw):
 )
 def test_scan_rollout_and_generator_are_bit_identical(model, kw):
     _, _, params, prompts = model
-    st = _streamer(model, **kw)
+    st = _streamer(model, **kw, compiler_options=USER_NUMERICS)  # the bits users' programs give
     sched = jnp.array([0, 0, 1, 1, 0])
     _, outs = st.jit_rollout(params, st.init_carry(params, prompts, jax.random.key(3)), sched, prompts)
     gen = st.stream(
@@ -237,7 +239,8 @@ def test_sharded_rollout_equals_single_device(model):
 
 def test_prompt_switch_changes_only_later_chunks_and_recache_rewrites_window(model):
     _, _, params, prompts = model
-    st = _streamer(model, anchor="sink", sink_frames=3, window_frames=3)
+    # bit-for-bit across two programs: compiled as users' programs are (tests/subproc.py)
+    st = _streamer(model, anchor="sink", sink_frames=3, window_frames=3, compiler_options=USER_NUMERICS)
     run = lambda s, sched: s.jit_rollout(
         params, s.init_carry(params, prompts, jax.random.key(4)), jnp.asarray(sched), prompts
     )  # noqa: E731
@@ -245,7 +248,14 @@ def test_prompt_switch_changes_only_later_chunks_and_recache_rewrites_window(mod
     c_b, b = run(st, [0, 0, 1, 1])
     np.testing.assert_array_equal(np.asarray(a.latents[:2]), np.asarray(b.latents[:2]))
     assert not np.allclose(np.asarray(a.latents[2]), np.asarray(b.latents[2]))
-    st_re = _streamer(model, anchor="sink", sink_frames=3, window_frames=3, recache="window_causal")
+    st_re = _streamer(
+        model,
+        anchor="sink",
+        sink_frames=3,
+        window_frames=3,
+        recache="window_causal",
+        compiler_options=USER_NUMERICS,
+    )
     c_r, r = run(st_re, [0, 0, 1, 1])
     np.testing.assert_array_equal(np.asarray(r.latents[:2]), np.asarray(b.latents[:2]))
     assert not np.allclose(np.asarray(r.latents[2]), np.asarray(b.latents[2]))  # re-cached window differs
@@ -262,6 +272,23 @@ def test_instrumented_attention_shares_sum_to_one(model):
     np.testing.assert_allclose(shares.sum(-1), 1.0, rtol=1e-5)
     assert np.all(shares[0, :, :2] == 0)  # chunk 0: nothing cached to attend to
     assert np.all(shares[2, :, 0] > 0)  # later chunks read the state
+
+
+def test_compiler_options_reach_every_program_the_streamer_compiles(model):
+    """`Streamer(compiler_options=...)` (a dict or pairs, kept sorted and hashable) is handed to XLA
+    for `jit_step`, `jit_rollout` and `jit_segment`: an option XLA does not know is refused by name."""
+    _, _, params, prompts = model
+    st = _streamer(model, anchor="window", compiler_options={"xla_no_such_option": True, "a": 1})
+    assert st.compiler_options == (("a", 1), ("xla_no_such_option", True))
+    hash(st)  # a frozen dataclass stays hashable with options
+    carry = st.init_carry(params, prompts, jax.random.key(0))
+    for fn, args in (
+        (st.jit_step, (params, carry, jnp.int32(0), prompts)),
+        (st.jit_rollout, (params, carry, jnp.zeros((2,), jnp.int32), prompts)),
+        (st.jit_segment, (params, carry, jnp.zeros((2,), jnp.int32), jnp.int32(2), prompts)),
+    ):
+        with pytest.raises(Exception, match="xla_no_such_option|No such compile option: 'a'"):
+            fn.lower(*args).compile()
 
 
 def test_guidance_uses_two_branches(model):
