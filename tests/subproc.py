@@ -1,20 +1,25 @@
 """The environment of the tests and of the programs they start.
 
-`COMPILE_FLAGS`: XLA:CPU compile settings for the test suite only. The suite's time is mostly XLA
-compiling small programs that then run for milliseconds; LLVM at -O0 compiles them about twice as
-fast (measured on the exit-step gradient program of `tests/streaming/test_exit_step.py`: 23.3 s ->
-12.1 s, same run time). It changes how LLVM lowers XLA's code, not XLA's program: the suite's
-bit-for-bit equalities between different programs (scan vs generator vs segments) hold under it.
-Not used: `--xla_cpu_use_fusion_emitters=false` on top (4.8 s) breaks those equalities, so it
-would test other numerics than users get. Users' jobs never see these flags (set by
-`tests/conftest.py` and `child_env` only).
+`COMPILE_FLAGS`: XLA:CPU compile settings for the test suite only (this process, its xdist workers
+and every program a test starts). The suite's time is mostly XLA compiling small programs that
+then run for milliseconds, so it compiles them the fast way:
+  * `--xla_backend_optimization_level=0`: LLVM at -O0, about twice as fast (the exit-step gradient
+    program of `tests/streaming/test_exit_step.py`: 23.3 s -> 12.1 s, same run time). It changes
+    how LLVM lowers XLA's code, not XLA's program or its round-off.
+  * `--xla_cpu_use_fusion_emitters=false`: XLA:CPU's older loop emitters instead of the fusion
+    emitters users get: the whole default suite 383 s -> 303 s on 2 cores. They compute the same
+    math with other float round-off: every tolerance-based check holds under either.
+Users' jobs never see these flags (set by `tests/conftest.py` and `child_env` only).
 
-`FAST_COMPILE`: per-program compile options (`jax.jit(..., compiler_options=FAST_COMPILE)` or
-`.lower(...).compile(FAST_COMPILE)`) on top of those, for the largest programs of the suite: LLVM's
-expensive passes off. `TOLERANT_COMPILE` adds XLA:CPU's older loop emitters instead of the fusion
-emitters users get (the exit-step gradient program: 35 s -> 22 s of compile on a loaded machine):
-only for programs whose test compares against a tolerance, never for a bit-for-bit equality
-between two programs (the emitters change the round-off, not the math).
+`USER_NUMERICS`: per-program compile options (`jax.jit(..., compiler_options=USER_NUMERICS)`,
+`Streamer(..., compiler_options=USER_NUMERICS)`) that restore XLA:CPU's default emitters, for the
+tests whose claim is bit-for-bit equality between programs (scan == generator == segments, a
+committed slot == the state the step emitted): that property is one of the emitters users get
+(under the loop emitters the scan and the generator differ at round-off), so it is checked there.
+
+`FAST_COMPILE`: `USER_NUMERICS` with LLVM's expensive passes off, for large programs whose test
+compares bits. `TOLERANT_COMPILE`: the suite's default emitters with LLVM's expensive passes off,
+for the largest programs compared within a tolerance.
 
 `child_env`: a copy of this process's environment for a subprocess (a launch script under test):
 CPU only, `devices` fake CPU devices, the same compile flags and the suite's persistent
@@ -24,10 +29,12 @@ compilation cache, the repository importable.
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 CACHE_DIR = os.path.join(REPO, ".jax_compilation_cache")
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-TOLERANT_COMPILE = {**FAST_COMPILE, "xla_cpu_use_fusion_emitters": False}
+USER_NUMERICS = {"xla_cpu_use_fusion_emitters": True}
+_LLVM_FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = {**_LLVM_FAST, **USER_NUMERICS}
+TOLERANT_COMPILE = {**_LLVM_FAST, "xla_cpu_use_fusion_emitters": False}
 
 
 def xla_flags(devices: int = 1) -> str:

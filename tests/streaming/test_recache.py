@@ -18,6 +18,7 @@ from adastate_jax.streaming import sampler
 from adastate_jax.streaming.anchors import StreamConfig
 from adastate_jax.streaming.rollout import Streamer
 from adastate_jax.streaming.sampler import SamplerConfig
+from tests.subproc import USER_NUMERICS
 
 LAT = 4  # 4 tokens per frame
 SINK, WINDOW, CHUNK = 3, 6, 3  # LongLive's shipped layout: local attention 12
@@ -37,16 +38,17 @@ def model():
 _STREAMERS = {}
 
 
-def _streamer(model, smp=None, **kw):
+def _streamer(model, smp=None, compiler_options=(), **kw):
     """One Streamer per configuration for the whole module, so its jitted functions compile once."""
     cfg, graphdef, _, _ = model
+    opts = tuple(sorted(dict(compiler_options).items()))
     base = dict(anchor="sink", sink_frames=SINK, window_frames=WINDOW, chunk_frames=CHUNK)
     base.update(time_layout="absolute", latent_h=LAT, latent_w=LAT)
     base.update(kw)
     sc, smp = StreamConfig(**base), smp or SamplerConfig(denoising_steps=STEPS, context_noise=CTX)
-    if (sc, smp) not in _STREAMERS:
-        _STREAMERS[sc, smp] = Streamer(graphdef, cfg, sc, smp)
-    return _STREAMERS[sc, smp]
+    if (sc, smp, opts) not in _STREAMERS:
+        _STREAMERS[sc, smp, opts] = Streamer(graphdef, cfg, sc, smp, compiler_options=opts)
+    return _STREAMERS[sc, smp, opts]
 
 
 def _jit(st, name):
@@ -208,7 +210,8 @@ def test_inference_refresh_feeds_the_clean_prediction_at_context_noise(model):
 @pytest.mark.parametrize("global_sink", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_scan_and_generator_are_bit_identical_with_longlive_recache(model, global_sink):
     _, _, params, prompts = model
-    st = _streamer(model, recache="longlive", recache_global_sink=global_sink)
+    # bit-for-bit across two programs: compiled as users' programs are (tests/subproc.py)
+    st = _streamer(model, recache="longlive", recache_global_sink=global_sink, compiler_options=USER_NUMERICS)
     sched = jnp.array([0, 0, 1, 1, 1, 0])  # switches at S = 6 (<= 12) and S = 15 (> 12)
     carry0 = st.init_carry(params, prompts, jax.random.key(3))
     shapes = jax.tree.map(lambda x: (x.shape, x.dtype), carry0)

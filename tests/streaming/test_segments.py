@@ -12,6 +12,7 @@ from adastate_jax.models import wan
 from adastate_jax.streaming.anchors import StreamConfig
 from adastate_jax.streaming.rollout import Streamer
 from adastate_jax.streaming.sampler import SamplerConfig
+from tests.subproc import USER_NUMERICS
 
 LAT = 4
 
@@ -32,11 +33,19 @@ POLICIES = {
 
 @pytest.fixture(scope="module")
 def streamers(model):
-    """One instrumented Streamer per policy, shared so that each program compiles once per module."""
+    """One instrumented Streamer per policy, shared so that each program compiles once per module;
+    compiled as users' programs are (their bits are the claim: tests/subproc.py `USER_NUMERICS`)."""
     cfg, graphdef, _, _ = model
     smp = SamplerConfig(denoising_steps=(1000, 750, 500))
     return {
-        name: Streamer(graphdef, cfg, StreamConfig(latent_h=LAT, latent_w=LAT, **kw), smp, instrument=True)
+        name: Streamer(
+            graphdef,
+            cfg,
+            StreamConfig(latent_h=LAT, latent_w=LAT, **kw),
+            smp,
+            instrument=True,
+            compiler_options=USER_NUMERICS,
+        )
         for name, kw in POLICIES.items()
     }
 

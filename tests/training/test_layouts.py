@@ -27,6 +27,7 @@ from adastate_jax.streaming.sampler import SamplerConfig
 from adastate_jax.training.objectives import flow_matching as fm
 from adastate_jax.training.objectives.ode_init import OdeInit
 from tests.subproc import FAST_COMPILE as FAST
+from tests.subproc import TOLERANT_COMPILE
 from tests.training.conftest_helpers import panworld_config
 
 CHUNKS = 7  # the paper's 21-frame training clip
@@ -71,6 +72,7 @@ def _stream(name):
     carry = st.init_carry(params, prompts, jax.random.key(0))
     key0 = jax.random.key(100)
     step = jax.jit(lambda p, c, k: st.step(p, c, jnp.int32(0), prompts, key=k))
+    # users' emitters: the committed state slot is checked bit for bit against the emitted state
     step = step.lower(params, carry, key0).compile(FAST)
     rows = []
     for c in range(CHUNKS):
@@ -286,7 +288,7 @@ def test_teacher_forcing_forward_equals_the_streamed_chunks(name):
     assert (layout.frames(21).key_positions is not None) == (name == "sink")
     t = jnp.full((1, 21), 1000.0)
     fwd = jax.jit(lambda p: fm.clip_forward(graphdef, p, z, t, prompts[0], layout, clean=x0))
-    v = fwd.lower(params).compile(FAST)(params)
+    v = fwd.lower(params).compile(TOLERANT_COMPILE)(params)
     np.testing.assert_allclose(np.asarray(z - v), np.asarray(x0), rtol=1e-5, atol=1e-5)
     # and the per-group key positions matter: the same pass at absolute positions differs
     if name == "sink":
