@@ -66,8 +66,8 @@ def _train(steps):
 
 @pytest.fixture(scope="module")
 def trained():
-    """A few steps: enough for the consistency and export checks (the learning check is slow)."""
-    return _train(3)
+    """One step: a trained state for the consistency and export checks (the learning check is slow)."""
+    return _train(1)
 
 
 @pytest.mark.slow
