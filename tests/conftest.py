@@ -80,3 +80,43 @@ if _REPORT:
         row.update({k: round(v, 2) if isinstance(v, float) else v for k, v in _acc.items()})
         with open(_REPORT, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# the order xdist hands modules out (`--dist loadscope`, its reorder by test count turned off in
+# `pytest_configure`): the slowest first, so that no worker starts a long module while the other runs out of
+# work (xdist's own reorder, by test count, put the 35-s single test of test_resume.py last: ~30 s
+# of one worker idle at the end). Measured module times (s, `ADASTATE_COMPILE_REPORT`, 2 cores,
+# 2026-12-02); only their order matters, and a module missing here runs after these, in
+# collection order.
+# --------------------------------------------------------------------------------------------
+MODULE_SECONDS = {
+    "tests/streaming/test_rollout.py": 53,
+    "tests/training/test_resume.py": 37,
+    "tests/training/test_objectives.py": 36,
+    "tests/streaming/test_exit_step.py": 33,
+    "tests/models/test_wan.py": 29,
+    "tests/training/test_dmd.py": 27,
+    "tests/test_tpu_compile.py": 26,
+    "tests/training/test_ode_trajectories.py": 25,
+    "tests/training/test_state_learning.py": 22,
+    "tests/test_rollout_cli.py": 21,
+    "tests/training/test_sharding_and_checkpoints.py": 20,
+    "tests/models/test_vae.py": 18,
+    "tests/training/test_vae_objective.py": 17,
+    "tests/models/test_block_attention.py": 17,
+    "tests/training/test_layouts.py": 17,
+    "tests/test_notebook.py": 14,
+}
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: `--no-loadscope-reorder`
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def module_seconds(item):
+        return -MODULE_SECONDS.get(item.nodeid.split("::")[0], 0)
+
+    items.sort(key=module_seconds)  # stable: tests keep their order inside a module
