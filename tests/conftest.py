@@ -83,12 +83,12 @@ if _REPORT:
 
 
 # --------------------------------------------------------------------------------------------
-# the order xdist hands modules out (`--dist loadscope`, its reorder by test count turned off in
-# `pytest_configure`): the slowest first, so that no worker starts a long module while the other runs out of
-# work (xdist's own reorder, by test count, put the 35-s single test of test_resume.py last: ~30 s
-# of one worker idle at the end). Measured module times (s, `ADASTATE_COMPILE_REPORT`, 2 cores,
-# 2026-12-02); only their order matters, and a module missing here runs after these, in
-# collection order.
+# the order xdist hands modules out (`--dist loadscope`; its reorder by test count is turned off
+# in `pytest_configure`): the slowest first, so that no worker starts a long module while the
+# other runs out of work (the reorder by test count put test_resume.py's single 35-s test last:
+# ~30 s of one idle worker at the end). Module times in s, measured with `ADASTATE_COMPILE_REPORT`
+# on 2 cores on 2026-12-02; only their order matters, and a module missing here runs after these,
+# in collection order.
 # --------------------------------------------------------------------------------------------
 MODULE_SECONDS = {
     "tests/streaming/test_rollout.py": 53,

@@ -41,14 +41,12 @@ _STREAMERS = {}
 def _streamer(model, smp=None, compiler_options=(), **kw):
     """One Streamer per configuration for the whole module, so its jitted functions compile once."""
     cfg, graphdef, _, _ = model
-    opts = tuple(sorted(dict(compiler_options).items()))
     base = dict(anchor="sink", sink_frames=SINK, window_frames=WINDOW, chunk_frames=CHUNK)
     base.update(time_layout="absolute", latent_h=LAT, latent_w=LAT)
     base.update(kw)
     sc, smp = StreamConfig(**base), smp or SamplerConfig(denoising_steps=STEPS, context_noise=CTX)
-    if (sc, smp, opts) not in _STREAMERS:
-        _STREAMERS[sc, smp, opts] = Streamer(graphdef, cfg, sc, smp, compiler_options=opts)
-    return _STREAMERS[sc, smp, opts]
+    st = Streamer(graphdef, cfg, sc, smp, compiler_options=compiler_options)
+    return _STREAMERS.setdefault(st, st)  # an equal Streamer (same configs and options) is reused
 
 
 def _jit(st, name):
