@@ -95,7 +95,14 @@ class Streamer:
 
     def __post_init__(self):
         opts = self.compiler_options
-        object.__setattr__(self, "compiler_options", tuple(sorted(dict(opts or ()).items())))
+        try:
+            pairs = dict(opts or ())
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"Streamer.compiler_options: a mapping of XLA option names to values (or (name, value) "
+                f"pairs), got {opts!r}"
+            ) from None
+        object.__setattr__(self, "compiler_options", tuple(sorted(pairs.items())))
 
     # ------------------------------------------------------------------------------------
     # set-up

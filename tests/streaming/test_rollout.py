@@ -281,6 +281,9 @@ def test_compiler_options_reach_every_program_the_streamer_compiles(model):
     st = _streamer(model, anchor="window", compiler_options={"xla_no_such_option": True, "a": 1})
     assert st.compiler_options == (("a", 1), ("xla_no_such_option", True))
     hash(st)  # a frozen dataclass stays hashable with options
+    for bad in ("xla_cpu_use_fusion_emitters", 3, [("a",)]):
+        with pytest.raises(TypeError, match=r"Streamer\.compiler_options: a mapping"):
+            _streamer(model, anchor="window", compiler_options=bad)
     carry = st.init_carry(params, prompts, jax.random.key(0))
     for fn, args in (
         (st.jit_step, (params, carry, jnp.int32(0), prompts)),
